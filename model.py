@@ -1,0 +1,597 @@
+"""A LLaMA-family decoder in plain PyTorch that loads Hugging Face checkpoints exactly.
+
+One file, read top to bottom: the configuration, the building blocks (RMSNorm, rotary
+embeddings, grouped-query attention, SwiGLU), the Transformer with a KV-cache `generate`,
+loading and saving the Hugging Face layout (config.json + safetensors), and the tokenizer.
+
+This file knows nothing of rotation, quantization or LoRA. Those stages (rotate.py,
+quant.py, lora.py) take a model and change it: they find the linears by their names
+(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head) and swap or
+rewrite them, and they may plug a module into the three identity "hook points" below.
+
+Demo:
+    python data/models/prepare.py stories260K
+    python model.py --model data/models/stories260K --prompt "Once upon a time"
+"""
+import argparse
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from functools import reduce
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3      # < num_attention_heads: grouped-query attention
+    head_dim: int = 64
+    vocab_size: int = 49152
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear", "factor": ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list | None = 2
+
+    @classmethod
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read every field of a Hugging Face LLaMA config.json that changes the math.
+
+        Settings this model does not implement are errors, never silently ignored."""
+        def need(key):
+            if key not in hf:
+                raise KeyError(f"{source}: missing required field '{key}'")
+            return hf[key]
+
+        model_type = hf.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"{source}: model_type '{model_type}' is not supported (only 'llama')")
+        for flag in ("attention_bias", "mlp_bias"):
+            if hf.get(flag):
+                raise ValueError(f"{source}: {flag}=true is not supported (LLaMA linears have no bias)")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{source}: hidden_act '{act}' is not supported (only 'silu')")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            # pretraining_tp > 1 only changes how HF slices matmuls, not the function
+            pass
+
+        # rope_theta and rope_scaling: legacy top-level fields, or (transformers >= 5) one
+        # nested `rope_parameters` dict that carries both.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or None
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
+        if scaling is not None:
+            scaling = dict(scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "default":
+                scaling = None
+            elif kind not in ("llama3", "linear"):
+                raise ValueError(f"{source}: rope_scaling type '{kind}' is not supported "
+                                 "(supported: 'llama3', 'linear')")
+            else:
+                scaling["rope_type"] = kind
+
+        n_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=need("num_hidden_layers"),
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hidden // n_heads,
+            vocab_size=need("vocab_size"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that Hugging Face transformers' LlamaForCausalLM reads."""
+        hf = {f.name: getattr(self, f.name) for f in fields(self)}
+        hf.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                  attention_bias=False, mlp_bias=False)
+        return hf
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 as the Hugging Face reference does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """theta^(-2i/d) for i < d/2, with LLaMA-3.1 or linear context scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":  # positions divided by `factor`
+        return inv_freq / factor
+    # llama3: slow down only the low frequencies (long wavelengths), blend in between
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen = old_len / scaling["low_freq_factor"]
+    high_wavelen = old_len / scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - scaling["low_freq_factor"]) / (
+        scaling["high_freq_factor"] - scaling["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim: the Hugging Face rotary layout."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin):
+    # x: (B, nh, T, hs); cos, sin: (T, hs)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Keys and values of every token seen so far, one pair per layer, for generate()."""
+
+    def __init__(self, n_layers: int):
+        self.keys = [None] * n_layers
+        self.values = [None] * n_layers
+
+    def seen(self, layer: int) -> int:
+        """How many tokens layer `layer` has cached."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+    def update(self, layer: int, k, v):
+        # k, v: (B, n_kv, T_new, hs) -> all keys/values so far (B, n_kv, T_past + T_new, hs)
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                             f"num_key_value_heads={self.n_kv_heads}")
+        d, hd = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
+        # Hook points on K and V after rotary, before the cache (quant.py puts its
+        # KV-cache quantizer here). Identity in the plain model.
+        self.key_transform = nn.Identity()
+        self.value_transform = nn.Identity()
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k, v = self.key_transform(k), self.value_transform(v)
+        past = 0
+        if cache is not None:
+            past = cache.seen(self.layer_idx)
+            k, v = cache.update(self.layer_idx, k, v)
+        if past == 0:      # a fresh sequence: plain causal mask
+            mask, causal = None, True
+        elif T == 1:       # one new token sees everything before it
+            mask, causal = None, False
+        else:              # a chunk after a prefix: token i sees the past and chunk tokens <= i
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        # enable_gqa: each group of n_heads / n_kv_heads query heads shares one K/V head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # Hook point on the down_proj input. rotate.py puts the online Hadamard (R4) here,
+        # so a quantizer inside down_proj sees the rotated activation. Identity by default.
+        self.down_input_transform = nn.Identity()
+
+    def forward(self, x):
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # (B, T, intermediate)
+        return self.down_proj(self.down_input_transform(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # not persistent: derived from the config, never read from a checkpoint
+        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    def rotary_cos_sin(self, start: int, T: int, dtype):
+        # Computed in float32 and then cast, exactly like the Hugging Face reference.
+        pos = torch.arange(start, start + T, device=self.rope_inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.rope_inv_freq.float())  # (T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)               # (T, hs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, idx, cache: KVCache | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab) in float32."""
+        B, T = idx.shape
+        start = cache.seen(0) if cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        x = self.embed_tokens(idx)  # (B, T, d)
+        cos, sin = self.rotary_cos_sin(start, T, x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, cache)
+        return self.lm_head(self.norm(x)).float()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 eos_id: int | None = None, generator: torch.Generator | None = None):
+        """Append max_new_tokens tokens to idx (B, T); temperature 0 is greedy decoding.
+
+        The prompt runs once; then every step feeds one token and reuses the cached K/V."""
+        cache = KVCache(len(self.layers))
+        logits = self(idx, cache)[:, -1]
+        out = [idx]
+        for _ in range(max_new_tokens):
+            if temperature == 0.0:
+                nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            out.append(nxt)
+            if eos_id is not None and bool((nxt == eos_id).all()):
+                break
+            logits = self(nxt, cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints in the Hugging Face layout
+
+# The one table that maps Hugging Face parameter names to ours ("{}" is the layer index).
+HF_KEYS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+# Present in some older checkpoints, derived from the config: skipped on load.
+HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def hf_to_ours(hf_name: str) -> str | None:
+    """'model.layers.3.mlp.up_proj.weight' -> 'layers.3.mlp.up_proj.weight' (None if unknown)."""
+    parts = hf_name.split(".")
+    layer = next((p for p in parts if p.isdigit()), None)
+    template = hf_name if layer is None else hf_name.replace(f".{layer}.", ".{}.", 1)
+    ours = HF_KEYS.get(template)
+    if ours is None:
+        return None
+    return ours if layer is None else ours.format(layer)
+
+
+def hf_state_dict_names(config: ModelConfig) -> dict[str, str]:
+    """Every HF name a checkpoint of this config holds -> our name."""
+    names = {}
+    for hf, ours in HF_KEYS.items():
+        if hf == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if "{}" in hf:
+            for i in range(config.num_hidden_layers):
+                names[hf.format(i)] = ours.format(i)
+        else:
+            names[hf] = ours
+    return names
+
+
+def read_config(path: Path) -> ModelConfig:
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json; expected a Hugging Face-layout "
+                                "checkpoint directory (config.json + model.safetensors)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    return ModelConfig.from_hf(hf, source=str(config_file))
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: one model.safetensors or the shards of an index."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
+    return files
+
+
+def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Transformer:
+    """Load a Hugging Face-layout LLaMA directory into our Transformer.
+
+    The model is built on the meta device (no memory), then each shard's tensors are
+    assigned into it, so peak memory is about one copy of the weights."""
+    from safetensors import safe_open
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    config = read_config(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = hf_state_dict_names(config)
+    ours_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    loaded = set()
+    for file in safetensors_files(path):
+        shard = {}
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    if hf_name.endswith(HF_IGNORED_SUFFIXES):
+                        continue
+                    ours = expected.get(hf_name)
+                    if ours is None:
+                        raise KeyError(f"{file}: unexpected key '{hf_name}' for this config "
+                                       f"({config.num_hidden_layers} layers, tied={config.tie_word_embeddings})")
+                    tensor = f.get_tensor(hf_name)
+                    if tensor.shape != ours_shapes[ours]:
+                        raise ValueError(f"{file}: key '{hf_name}' has shape {tuple(tensor.shape)}, "
+                                         f"config.json implies {tuple(ours_shapes[ours])}")
+                    shard[ours] = tensor.to(device=device, dtype=dtype)
+                    loaded.add(hf_name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise KeyError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rope_inv_freq = rope_inverse_frequencies(config).to(device)
+    return model.eval()
+
+
+def _write_atomically(path: Path, write):
+    """Call write(tmp_path), then rename: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3):
+    """Write config.json + safetensors (sharded above max_shard_bytes) in the HF layout.
+
+    Each weight is read by attribute path (model.layers[3].self_attn.q_proj.weight), so a
+    module another stage swapped in for a linear only needs a `.weight` attribute."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = {}
+    for hf_name, ours in hf_state_dict_names(config).items():
+        weight = reduce(getattr, ours.split("."), model)
+        tensors[hf_name] = weight.detach().to("cpu").contiguous()
+    dtype = next(iter(tensors.values())).dtype
+
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()  # never leave a stale shard next to the new ones
+    if len(shards) == 1:
+        _write_atomically(path / "model.safetensors",
+                          lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_atomically(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _write_atomically(path / "model.safetensors.index.json",
+                          lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    hf = config.to_hf()
+    hf["torch_dtype"] = str(dtype).removeprefix("torch.")
+    _write_atomically(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
+
+
+def resolve_model_dir(name_or_dir) -> Path:
+    """A checkpoint directory, or the name of one data/models/prepare.py knows (prepared on first use)."""
+    path = Path(name_or_dir)
+    if (path / "config.json").is_file():
+        return path
+    here = Path(__file__).resolve().parent
+    if (here / "data" / "models" / str(name_or_dir) / "config.json").is_file():
+        return here / "data" / "models" / str(name_or_dir)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare_models", here / "data" / "models" / "prepare.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    if str(name_or_dir) not in prepare.NAMES:
+        raise FileNotFoundError(f"--model {name_or_dir}: not a checkpoint directory (no config.json) "
+                                f"and not a known model name {prepare.NAMES}")
+    return prepare.prepare_model(str(name_or_dir))
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+class Tokenizer:
+    """sentencepiece `tokenizer.model` when the directory has one, else `tokenizer.json`."""
+
+    def __init__(self, path):
+        path = Path(path)
+        ids = {}
+        if (path / "config.json").is_file():
+            hf = json.loads((path / "config.json").read_text())
+            ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id")}
+        if (path / "tokenizer.model").is_file():
+            import sentencepiece
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            self.hf = None
+            self.vocab_size = self.sp.vocab_size()
+            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        elif (path / "tokenizer.json").is_file():
+            try:
+                from tokenizers import Tokenizer as HFTokenizer
+            except ImportError:
+                raise ImportError(f"{path / 'tokenizer.json'} needs the optional package "
+                                  "`tokenizers`: pip install tokenizers") from None
+            self.sp = None
+            self.hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
+            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+            self.bos_id, self.eos_id = ids.get("bos_token_id"), ids.get("eos_token_id")
+        else:
+            raise FileNotFoundError(f"{path}: neither tokenizer.model nor tokenizer.json found")
+        if isinstance(self.eos_id, list):
+            self.eos_id = self.eos_id[0]
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if self.sp is not None:
+            ids = self.sp.encode(text)
+        else:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        if bos and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.sp is not None:
+            return self.sp.decode(ids)
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+
+# -----------------------------------------------------------------------------
+# Demo: python model.py --model DIR --prompt "..."
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Sample text from a LLaMA-family checkpoint.")
+    p.add_argument("--model", default="stories260K", help="checkpoint directory or a name data/models/prepare.py knows")
+    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (SmolLM2-Instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.manual_seed(args.seed)
+    model_dir = resolve_model_dir(args.model)
+    model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
+    prompt = args.prompt
+    if args.chat:
+        prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    idx = torch.tensor([tok.encode(prompt, bos=not args.chat)])
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, eos_id=tok.eos_id)
+    print(tok.decode(out[0, idx.shape[1]:].tolist()))

@@ -1,0 +1,50 @@
+"""Fixtures for the real checkpoints of the offline mirror (ROLORA_MIRROR).
+
+The prepared directories live in data/models/ (git-ignored) and are prepared on first use.
+Without a mirror and without prepared directories the real-model tests are skipped."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import ROOT, load_script
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+DEFAULT_MIRROR = ROOT.parent / "shared" / "assets"
+if "ROLORA_MIRROR" not in os.environ and DEFAULT_MIRROR.is_dir():
+    os.environ["ROLORA_MIRROR"] = str(DEFAULT_MIRROR)
+
+
+def _prepared(name: str) -> Path:
+    target = ROOT / "data" / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    if "ROLORA_MIRROR" not in os.environ:
+        pytest.skip(f"{name}: no ROLORA_MIRROR and no prepared {target}")
+    return load_script("data/models/prepare.py").prepare_model(name)
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return _prepared("stories260K")
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    return _prepared("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def stories_model(stories_dir):
+    """fp32 stories260K. Shared by tests: deepcopy before changing it."""
+    from model import load_checkpoint
+    return load_checkpoint(stories_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm_model(smollm_dir):
+    """fp32 SmolLM2-135M-Instruct. Shared by tests: deepcopy before changing it."""
+    from model import load_checkpoint
+    return load_checkpoint(smollm_dir)
