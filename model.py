@@ -85,8 +85,9 @@ class ModelConfig:
             elif kind not in ("llama3", "linear"):
                 raise ValueError(f"{source}: rope_scaling type '{kind}' is not supported "
                                  "(supported: 'llama3', 'linear')")
-            else:
-                scaling["rope_type"] = kind
+            else:  # keep only what rope_inverse_frequencies reads
+                keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                scaling = {"rope_type": kind} | {k: scaling[k] for k in keep if k in scaling}
 
         n_heads = need("num_attention_heads")
         hidden = need("hidden_size")
