@@ -1,0 +1,111 @@
+"""Our model.py against Hugging Face transformers' LlamaForCausalLM: speed and peak memory.
+
+Same config (SmolLM2-135M shape by default), same weights, same dtype, same inputs, measured
+in the same run. Each implementation runs in its own subprocess so that its peak resident
+memory (ru_maxrss) is its own.
+
+    python bench/bench_model.py                      # fp32, CPU, batch 4 x 256 tokens
+    python bench/bench_model.py --batch 1 --seq 512 --threads 2
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import ModelConfig, Transformer  # noqa: E402
+
+SMOLLM2_135M = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                           vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
+                           max_position_embeddings=8192)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def build(impl: str, config: ModelConfig, dtype):
+    torch.manual_seed(0)
+    ours = Transformer(config).to(dtype)
+    if impl == "ours":
+        return ours, lambda idx: ours(idx)
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(LlamaConfig(**config.to_hf())).to(dtype)
+    hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
+                        for k, v in ours.state_dict().items()}, strict=False)
+    del ours
+    return hf, lambda idx: hf(idx).logits.float()
+
+
+def worker(args):
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    model, run = build(args.impl, SMOLLM2_135M, dtype)
+    idx = torch.randint(0, SMOLLM2_135M.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0))
+    tokens = idx.numel()
+    result = {"rss_after_load_mib": peak_rss_mib()}
+
+    model.eval()
+    with torch.no_grad():
+        run(idx)  # warm-up
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            logits = run(idx)
+        result["forward_tok_s"] = tokens * args.iters / (time.perf_counter() - t)
+        result["checksum"] = float(logits[0, -1, :8].sum())
+    result["peak_rss_forward_mib"] = peak_rss_mib()
+
+    model.train()
+    loss_fn = torch.nn.functional.cross_entropy
+    for p in model.parameters():
+        p.grad = None
+    loss_fn(run(idx).flatten(0, 1), idx.flatten()).backward()  # warm-up
+    t = time.perf_counter()
+    for _ in range(args.iters):
+        for p in model.parameters():
+            p.grad = None
+        loss_fn(run(idx).flatten(0, 1), idx.flatten()).backward()
+    result["fwd_bwd_tok_s"] = tokens * args.iters / (time.perf_counter() - t)
+    result["peak_rss_train_mib"] = peak_rss_mib()
+    print(json.dumps(result))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--impl", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.impl:
+        return worker(args)
+
+    results = {}
+    for impl in ("ours", "transformers"):
+        cmd = [sys.executable, __file__, "--impl", impl] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k != "impl"]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+    ours, hf = results["ours"], results["transformers"]
+    print(f"SmolLM2-135M shape, {args.dtype}, batch {args.batch} x {args.seq} tokens, "
+          f"{args.threads} threads, {args.iters} iterations")
+    print(f"{'metric':<28}{'ours':>12}{'transformers':>14}{'ratio':>8}")
+    for key, better in [("forward_tok_s", "higher"), ("fwd_bwd_tok_s", "higher"),
+                        ("peak_rss_forward_mib", "lower"), ("peak_rss_train_mib", "lower")]:
+        ratio = ours[key] / hf[key] if better == "higher" else hf[key] / ours[key]
+        print(f"{key:<28}{ours[key]:>12.1f}{hf[key]:>14.1f}{ratio:>8.2f}")
+    print("ratio > 1 means ours is better (faster, or less memory); "
+          f"same weights: logits checksum {ours['checksum']:.4f} vs {hf['checksum']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Alpaca instruction data -> data/alpaca/{train,val}.jsonl of {"prompt", "response"}.
+
+The prompt is the standard Alpaca template (Taori et al. 2023); train.py computes the loss
+on the response tokens only. 10% of the records are held out (seeded shuffle), as RoLoRA does.
+
+    ROLORA_MIRROR=../shared/assets python data/alpaca/prepare.py            # alpaca-gpt4 demo (999)
+    python data/alpaca/prepare.py --source cleaned                          # alpaca-cleaned subset (2000)
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from mirror import fetch_raw  # noqa: E402
+
+# mirror path, canonical download locations
+SOURCES = {
+    # GPT-4 answers, the closest to RoLoRA's alpaca_gpt4_en (the full 52k file is the first URL)
+    "gpt4": ("data/alpaca/alpaca_gpt4_demo_999.json", [
+        "https://raw.githubusercontent.com/hiyouga/LLaMA-Factory/main/data/alpaca_en_demo.json"]),
+    "cleaned": ("data/alpaca/alpaca_cleaned_2000.json", [
+        "https://raw.githubusercontent.com/Antelofski/alpaca-lora/main/alpaca_small.json"]),
+    "long": ("data/alpaca/alpaca_long_2000.json", [
+        "https://raw.githubusercontent.com/PorUna-byte/Gumbelsoft/main/alpaca_long_2000.json"]),
+}
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    template = PROMPT_WITH_INPUT if input.strip() else PROMPT_NO_INPUT
+    return template.format(instruction=instruction, input=input)
+
+
+def prepare(source: str = "gpt4", out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
+    """Write train.jsonl and val.jsonl; returns their paths."""
+    if source not in SOURCES:
+        raise ValueError(f"--source {source}: unknown, choose from {sorted(SOURCES)}")
+    mirror_path, urls = SOURCES[source]
+    raw = fetch_raw(mirror_path, urls, HERE / "raw")
+    try:
+        records = json.loads(Path(raw).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{raw}: not valid JSON ({e})") from None
+    examples = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
+            raise ValueError(f"{raw}: record {i} lacks 'instruction'/'output'")
+        examples.append({"prompt": alpaca_prompt(r["instruction"], r.get("input", "")),
+                         "response": r["output"]})
+    random.Random(seed).shuffle(examples)
+    n_val = max(1, int(len(examples) * val_fraction))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, rows in (("val", examples[:n_val]), ("train", examples[n_val:])):
+        path = out_dir / f"{split}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(path)
+        paths.append(path)
+        print(f"{path}: {len(rows)} examples")
+    return paths[1], paths[0]
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", default="gpt4", choices=sorted(SOURCES))
+    p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    args = p.parse_args()
+    prepare(args.source, args.out, args.val_fraction)
