@@ -19,11 +19,10 @@ if "ROLORA_MIRROR" not in os.environ and DEFAULT_MIRROR.is_dir():
 
 def _prepared(name: str) -> Path:
     target = ROOT / "data" / "models" / name
-    if (target / "config.json").is_file():
-        return target
-    if "ROLORA_MIRROR" not in os.environ:
+    ready = (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+    if not ready and "ROLORA_MIRROR" not in os.environ:
         pytest.skip(f"{name}: no ROLORA_MIRROR and no prepared {target}")
-    return load_script("data/models/prepare.py").prepare_model(name)
+    return load_script("data/models/prepare.py").prepare_model(name)  # returns at once when ready
 
 
 @pytest.fixture(scope="session")
