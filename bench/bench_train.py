@@ -1,0 +1,144 @@
+"""LoRA fine-tuning step: ours (model.py + lora.py) against transformers + PEFT.
+
+Same config (SmolLM2-135M shape by default), same weights, LoRA r=16 on q_proj/v_proj, AdamW,
+same batch and dtype, measured in the same run; each implementation in its own subprocess so
+that its peak resident memory (ru_maxrss) is its own. A third run rotates our model first
+(online Hadamard on the down_proj input, R4) and reports what share of the step it costs.
+
+    python bench/bench_train.py                          # CPU fp32, batch 4 x 256
+    python bench/bench_train.py --shape llama2-7b --dtype bfloat16 --batch 8 --seq 1024 --layers 32   # on a GPU
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from model import ModelConfig, Transformer  # noqa: E402
+
+SHAPES = {
+    "smollm2-135m": ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                                rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+    "llama2-7b": ModelConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
+                             max_position_embeddings=4096),
+}
+
+
+def build(impl: str, config: ModelConfig, dtype, device):
+    torch.manual_seed(0)
+    ours = Transformer(config).to(dtype)
+    if impl in ("ours", "ours+rotate"):
+        import lora
+        record = None
+        if impl == "ours+rotate":
+            import rotate
+            record = rotate.rotate_model(ours, seed=0)
+        torch.manual_seed(1)
+        lora.add_lora(ours, ("q_proj", "v_proj"), rank=16, alpha=16)
+        lora.mark_only_lora_trainable(ours)
+        ours.to(device)
+        return ours, (lambda idx: ours(idx)), record
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = LlamaForCausalLM(LlamaConfig(**config.to_hf())).to(dtype)
+    hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
+                        for k, v in ours.state_dict().items()}, strict=False)
+    del ours
+    torch.manual_seed(1)
+    peft_model = get_peft_model(hf, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                               lora_dropout=0.0, task_type="CAUSAL_LM"))
+    peft_model.to(device)
+    return peft_model, (lambda idx: peft_model(input_ids=idx).logits), None
+
+
+def peak_memory_mib(device) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args):
+    torch.set_num_threads(args.threads)
+    config = SHAPES[args.shape]
+    if args.layers:
+        config.num_hidden_layers = args.layers
+    dtype = getattr(torch, args.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, run, _ = build(args.impl, config, dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    idx = torch.randint(0, config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(run(idx).float().flatten(0, 1)[:-1], idx.flatten()[1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    step()  # warm-up (and the optimizer state)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - t) / args.iters
+    result = {"tok_s": args.batch * args.seq / seconds, "step_s": seconds, "peak_mib": peak_memory_mib(device),
+              "trainable": sum(p.numel() for p in params)}
+    if args.impl == "ours+rotate":  # time the online Hadamard alone, forward + backward, on its real input size
+        import rotate
+        x = torch.randn(args.batch, args.seq, config.intermediate_size, dtype=dtype, device=device, requires_grad=True)
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            rotate.walsh_hadamard_transform(x).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        result["hadamard_s_per_step"] = (time.perf_counter() - t) / args.iters * config.num_hidden_layers
+    print(json.dumps(result))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--impl", choices=["ours", "ours+rotate", "peft"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.impl:
+        return worker(args)
+
+    results = {}
+    for impl in ("ours", "peft", "ours+rotate"):
+        cmd = [sys.executable, __file__, "--impl", impl] + [
+            f"--{k}={v}" for k, v in vars(args).items() if k != "impl" and v is not None]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+    ours, peft, rot = results["ours"], results["peft"], results["ours+rotate"]
+    print(f"LoRA r=16 on q_proj,v_proj, {args.shape} shape, {args.dtype}, batch {args.batch} x {args.seq}, "
+          f"{args.threads} threads, {args.iters} steps")
+    print(f"{'':<22}{'ours':>12}{'transformers+peft':>20}{'ratio':>8}")
+    print(f"{'train tokens/s':<22}{ours['tok_s']:>12.1f}{peft['tok_s']:>20.1f}{ours['tok_s'] / peft['tok_s']:>8.2f}")
+    print(f"{'peak memory MiB':<22}{ours['peak_mib']:>12.1f}{peft['peak_mib']:>20.1f}{peft['peak_mib'] / ours['peak_mib']:>8.2f}")
+    print(f"{'trainable params':<22}{ours['trainable']:>12}{peft['trainable']:>20}")
+    print("ratio > 1: ours faster / smaller.")
+    share = rot["hadamard_s_per_step"] / rot["step_s"]
+    print(f"rotated (R4 online Hadamard): {rot['tok_s']:.1f} tokens/s ({rot['tok_s'] / ours['tok_s']:.2f}x "
+          f"unrotated); the Hadamard alone (fwd+bwd, all layers) is {100 * share:.1f}% of the step")
+
+
+if __name__ == "__main__":
+    main()
