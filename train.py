@@ -478,9 +478,12 @@ def run(cfg: TrainConfig) -> dict:
              f"{cfg.variant} r={cfg.rank} on {cfg.targets}, {cfg.data}, {len(history['train_loss'])} steps; "
              f"{bits_label} {cfg.quant.upper()}; tasks on {cfg.eval_limit or 'all'} items each, "
              f"ppl on {cfg.ppl_windows or 'all'} x {cfg.ppl_seq_len} tokens")
-    notes = "* BoolQ from a copy without passages: not comparable with published BoolQ numbers."
+    notes = []
+    if "boolq" in tasks:
+        notes.append("* BoolQ from a copy without passages: not comparable with published BoolQ numbers.")
     if "smollm2" in str(model_dir).lower():
-        notes += "\nSmolLM2's 'full precision' is its dequantized Q4_1 GGUF release."
+        notes.append("SmolLM2's 'full precision' is its dequantized Q4_1 GGUF release.")
+    notes = "\n".join(notes)
     results = {"title": title, "rows": rows, "table": table, "history": history, "rotation": record,
                "config": dataclasses.asdict(cfg), "timings_s": timings}
     tmp = out / ".results.json.tmp"

@@ -5,6 +5,7 @@ on the response tokens only. 10% of the records are held out (seeded shuffle), a
 
     ROLORA_MIRROR=../shared/assets python data/alpaca/prepare.py            # alpaca-gpt4 demo (999)
     python data/alpaca/prepare.py --source cleaned                          # alpaca-cleaned subset (2000)
+    python data/alpaca/prepare.py --source gpt4_full                        # the paper's 52k (download)
 """
 import argparse
 import json
@@ -21,6 +22,9 @@ SOURCES = {
     # GPT-4 answers, the closest to RoLoRA's alpaca_gpt4_en (the full 52k file is the first URL)
     "gpt4": ("data/alpaca/alpaca_gpt4_demo_999.json", [
         "https://raw.githubusercontent.com/hiyouga/LLaMA-Factory/main/data/alpaca_en_demo.json"]),
+    # the full 52k alpaca-gpt4 of the paper (not in the offline mirror: needs the download)
+    "gpt4_full": ("data/alpaca/alpaca_gpt4_data.json", [
+        "https://raw.githubusercontent.com/Instruction-Tuning-with-GPT-4/GPT-4-LLM/main/data/alpaca_gpt4_data.json"]),
     "cleaned": ("data/alpaca/alpaca_cleaned_2000.json", [
         "https://raw.githubusercontent.com/Antelofski/alpaca-lora/main/alpaca_small.json"]),
     "long": ("data/alpaca/alpaca_long_2000.json", [
