@@ -121,7 +121,7 @@ class ModelConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 as the Hugging Face reference does."""
+    """x / rms(x) * weight, computed in (at least) float32 as the Hugging Face reference does."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -130,7 +130,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # bf16 -> fp32; fp64 stays fp64
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
