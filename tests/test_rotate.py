@@ -1,0 +1,324 @@
+"""Tests of rotate.py: exact Hadamard matrices, the fast transform, and that rotating a model
+leaves its function unchanged while removing its outliers.
+
+    python -m pytest tests/test_rotate.py -x -q              # all (real checkpoints: a minute)
+    python -m pytest tests/test_rotate.py -x -q -m "not slow"
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_model
+
+import rotate
+from rotate import (OnlineHadamard, activation_stats, hadamard_matrix, hadamard_plan,
+                    hadamard_transform_matrix, load_rotated, outlier_stats, random_hadamard,
+                    rotate_model, save_rotated, walsh_hadamard_transform)
+
+pytestmark = pytest.mark.filterwarnings("ignore:rotate.py. FALLBACK")  # asserted where it matters
+
+# Hidden, intermediate and head sizes of the LLaMA family (PAPERS.md), and sizes of Qwen/GLM
+# models that table-based tools reject. Exact unless listed in FALLBACK_ORDERS.
+MODEL_ORDERS = {
+    "LLaMA-2-7B": (4096, 11008, 128), "LLaMA-2-13B": (5120, 13824, 128),
+    "LLaMA-2-70B / LLaMA-3-70B": (8192, 28672, 128), "LLaMA-3-8B": (4096, 14336, 128),
+    "SmolLM2-135M": (576, 1536, 64), "SmolLM2-360M": (960, 2560, 64),
+    "TinyLlama-1.1B": (2048, 5632, 64), "stories260K": (64, 172, 8),
+    "Qwen / GLM": (896, 3584, 4864, 13696, 25600, 29568),
+    "GF(p^k) Paley": (28, 52, 100, 244, 344),  # q = 27, 25, 49, 243, 343: prime powers, not primes
+}
+ORDERS = sorted({n for sizes in MODEL_ORDERS.values() for n in sizes})
+# 172 = 4 * 43: 171 = 9 * 19 and 85 = 5 * 17 are not prime powers, 344 does not divide 172.
+# 13696 = 128 * 107: 428 - 1 = 7 * 61, 214 - 1 = 3 * 71, ... no K = 107 * 2^j is reached.
+FALLBACK_ORDERS = {172, 13696}
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# -----------------------------------------------------------------------------
+# Hadamard matrices
+
+
+@pytest.mark.parametrize("n", ORDERS)
+def test_constructed_hadamard_is_exact_in_integers(n):
+    plan = hadamard_plan(n)
+    print(f"{n}: {plan.describe()}")
+    assert plan.K * plan.power_of_two == n and plan.power_of_two & (plan.power_of_two - 1) == 0
+    assert plan.exact == (n not in FALLBACK_ORDERS)
+    if not plan.exact:
+        return
+    H_K = hadamard_matrix(plan.K)  # the dense factor, in int64 arithmetic
+    assert set(H_K.unique().tolist()) <= {-1, 1}
+    assert torch.equal(H_K @ H_K.T, plan.K * torch.eye(plan.K, dtype=torch.int64))
+    if n <= 1536:  # the whole matrix too, while int64 matmul stays fast
+        H = hadamard_matrix(n)
+        assert torch.equal(H @ H.T, n * torch.eye(n, dtype=torch.int64))
+
+
+def test_smallest_dense_factor_is_chosen():
+    # 576 = 36 * 16 (Paley II, q = 17): 9 * 64 and 18 * 32 have no Hadamard matrix
+    assert hadamard_plan(576).K == 36
+    # 11008 = 43 * 256: 172 is out of reach, 344 = 343 + 1 with 343 = 7^3 = 3 mod 4 (Paley I)
+    assert hadamard_plan(11008).K == 344
+    assert hadamard_plan(29568).K == 924  # Paley II, q = 461
+    assert hadamard_plan(4096).K == 1
+
+
+@pytest.mark.parametrize("n", sorted(FALLBACK_ORDERS))
+def test_fallback_is_orthogonal_and_reported(n):
+    hadamard_plan.cache_clear()
+    with pytest.warns(UserWarning, match=f"FALLBACK.*{n}"):
+        plan = hadamard_plan(n)
+    assert plan.K % 2 == 1 and "FALLBACK" in plan.describe()
+    with pytest.raises(ValueError, match=str(n)):
+        hadamard_matrix(n)
+    if n <= 2048:
+        M = hadamard_transform_matrix(n)
+        assert (M @ M.T - torch.eye(n, dtype=torch.float64)).abs().max() < 1e-10
+    x = torch.randn(4, n, dtype=torch.float64)  # orthogonal: norms are kept
+    assert torch.allclose(walsh_hadamard_transform(x).norm(dim=-1), x.norm(dim=-1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n", [0, 43, 6, 1002])
+def test_unreachable_size_is_a_clear_error(n):
+    with pytest.raises(ValueError, match=str(n)):
+        walsh_hadamard_transform(torch.zeros(2, n))
+
+
+# -----------------------------------------------------------------------------
+# The fast transform
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 96, 80, 172, 576, 688, 1536, 2048])  # 688 = 2 * 344
+def test_fast_transform_equals_dense_product(n):
+    M = hadamard_transform_matrix(n)
+    x = torch.randn(2, 3, n, dtype=torch.float64)  # (B, T, n)
+    assert relative_error(walsh_hadamard_transform(x), x @ M.T) < 1e-10
+    assert relative_error(walsh_hadamard_transform(x, transpose=True), x @ M) < 1e-10
+    assert relative_error(walsh_hadamard_transform(x.float()).double(), x @ M.T) < 1e-5
+    xt = x.transpose(0, 1)  # a non-contiguous view
+    assert relative_error(walsh_hadamard_transform(xt), xt @ M.T) < 1e-10
+    y = walsh_hadamard_transform(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and relative_error(y.double(), x @ M.T) < 2e-2
+    if hadamard_plan(n).exact:  # entries +-1/sqrt(n): the dense matrix really is Hadamard
+        assert (M * math.sqrt(n) - hadamard_matrix(n)).abs().max() < 1e-12
+
+
+def test_fast_transform_stays_float32_under_autocast():
+    x = torch.randn(4, 1536)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in bf16 fine-tuning: no bf16 matmul inside
+        y = walsh_hadamard_transform(x)
+    assert y.dtype == torch.float32
+    assert relative_error(y.double(), x.double() @ hadamard_transform_matrix(1536).T) < 1e-5
+
+
+def test_fast_transform_is_self_inverse_pair():
+    x = torch.randn(5, 576, dtype=torch.float64)
+    back = walsh_hadamard_transform(walsh_hadamard_transform(x), transpose=True)
+    assert relative_error(back, x) < 1e-12
+
+
+@pytest.mark.parametrize("n", [48, 92])  # 12 * 4 (Paley I) and 23 * 4 (fallback)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gradient_is_the_transposed_transform(n, transpose):
+    x = torch.randn(2, 1, n, dtype=torch.float64, requires_grad=True)
+    fn = lambda t: walsh_hadamard_transform(t, transpose)
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_random_hadamard_is_seeded_orthogonal_signed_hadamard():
+    Q = random_hadamard(96, seed=7)
+    assert (Q @ Q.T - torch.eye(96, dtype=torch.float64)).abs().max() < 1e-12
+    assert torch.equal(Q, random_hadamard(96, seed=7))
+    assert not torch.equal(Q, random_hadamard(96, seed=8))
+    signs = Q[0] * math.sqrt(96) / hadamard_matrix(96)[0]  # Q = H diag(s) / sqrt(n)
+    assert torch.allclose(Q * math.sqrt(96), hadamard_matrix(96).double() * signs, atol=1e-12)
+    assert set(signs.round().tolist()) == {-1.0, 1.0}
+
+
+# -----------------------------------------------------------------------------
+# Rotating a model: the function is unchanged
+
+
+def float64_logits(model, idx):
+    """The lm_head output itself: model() returns float32 logits, which would hide float64 errors."""
+    out = {}
+    hook = model.lm_head.register_forward_hook(lambda m, a, y: out.update(logits=y))
+    model(idx)
+    hook.remove()
+    return out["logits"]
+
+
+INVARIANCE_CASES = {
+    "gqa-untied-R4": dict(config={}, online_down_proj=True, rotate_ov=False),
+    "gqa-untied-R2-R4": dict(config={}, online_down_proj=True, rotate_ov=True),
+    "tied-R2-R4-K20": dict(config=dict(tie_word_embeddings=True, intermediate_size=80),
+                           online_down_proj=True, rotate_ov=True),
+    "mha-tied-R1-only": dict(config=dict(tie_word_embeddings=True, num_key_value_heads=4),
+                             online_down_proj=False, rotate_ov=False),
+    "fallback-172-R2-R4": dict(config=dict(intermediate_size=172), online_down_proj=True, rotate_ov=True),
+    "hidden48-head12-gqa4to1": dict(config=dict(hidden_size=48, head_dim=12, num_key_value_heads=1),
+                                    online_down_proj=True, rotate_ov=True),
+}
+
+
+@pytest.mark.parametrize("case", INVARIANCE_CASES)
+def test_rotation_keeps_logits_float64(case):
+    spec = INVARIANCE_CASES[case]
+    model = tiny_model(seed=1, dtype=torch.float64, **spec["config"])
+    idx = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(0))
+    before = float64_logits(model, idx)
+    record = rotate_model(model, seed=5, online_down_proj=spec["online_down_proj"],
+                          rotate_ov=spec["rotate_ov"])
+    after = float64_logits(model, idx)
+    err = relative_error(after, before)
+    print(f"{case}: relative logit error {err:.1e}")
+    assert err < 1e-9, ("rotated float64 model differs; if ~1e-7, model.py's RMSNorm computes "
+                        f"float64 inputs in float32 (error {err:.1e})")
+    assert model.lm_head.weight is not model.embed_tokens.weight and not model.config.tie_word_embeddings
+    assert all(torch.all(norm.weight == 1) for name, norm in model.named_modules() if name.endswith("norm"))
+    assert record["r4"] == spec["online_down_proj"] and record["r2"] == spec["rotate_ov"]
+    assert bool(record["fallbacks"]) == (model.config.intermediate_size == 172 and record["r4"])
+    assert isinstance(model.layers[0].mlp.down_input_transform, OnlineHadamard) == record["r4"]
+
+
+def block_inputs(model, idx):
+    """The residual stream entering each block and each down_proj's input, float64."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in model.layers]
+    hooks += [b.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in model.layers]
+    model(idx)
+    for h in hooks:
+        h.remove()
+    return seen[0::2], seen[1::2]  # hooks fire in order: block i, then its down_proj
+
+
+def test_residual_stream_is_rotated_by_the_recorded_R1_and_down_input_by_R4():
+    model = tiny_model(seed=2, dtype=torch.float64)
+    idx = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    residual, down_in = block_inputs(model, idx)
+    record = rotate_model(model, seed=11)
+    residual_r, down_in_r = block_inputs(model, idx)
+    Q = random_hadamard(model.config.hidden_size, record["seed"])
+    M = hadamard_transform_matrix(model.config.intermediate_size)
+    for x, x_r in zip(residual, residual_r):
+        assert relative_error(x_r, x @ Q) < 1e-12      # x -> x Q, not an identity or another Q
+        assert relative_error(x_r, x) > 0.1
+    for z, z_r in zip(down_in, down_in_r):
+        assert relative_error(z_r, z @ M.T) < 1e-12    # what a quantizer in down_proj would see
+
+
+def test_same_seed_same_weights_other_seed_differs():
+    base = tiny_model(seed=3)
+    a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    rotate_model(a, seed=0, rotate_ov=True)
+    rotate_model(b, seed=0, rotate_ov=True)
+    rotate_model(c, seed=1, rotate_ov=True)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["embed_tokens.weight"], sc["embed_tokens.weight"])
+
+
+def test_rotating_twice_is_refused():
+    model = tiny_model()
+    record = rotate_model(model, online_down_proj=False)  # no OnlineHadamard to give it away
+    assert model.rotation == record
+    with pytest.raises(ValueError, match="already"):
+        rotate_model(model)
+
+
+def test_rotation_keeps_dtype():
+    model = tiny_model(dtype=torch.bfloat16)
+    rotate_model(model, rotate_ov=True)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("intermediate", [96, 172])
+def test_save_and_load_rotated_give_the_same_logits(tmp_path, intermediate):
+    model = tiny_model(seed=4, intermediate_size=intermediate, tie_word_embeddings=True)
+    idx = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
+    record = rotate_model(model, seed=9, rotate_ov=True)
+    expected = model(idx)
+    save_rotated(model, record, tmp_path / "rotated")
+    loaded, loaded_record = load_rotated(tmp_path / "rotated")
+    assert loaded_record == record
+    assert torch.allclose(loaded(idx), expected, rtol=0, atol=1e-6)
+    from model import load_checkpoint  # without the record the online Hadamard is missing
+    plain = load_checkpoint(tmp_path / "rotated")
+    assert relative_error(plain(idx), expected) > 1e-3
+
+
+def test_load_rotated_needs_the_record(tmp_path):
+    from model import save_checkpoint
+    save_checkpoint(tiny_model(), tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="rotation.json"):
+        load_rotated(tmp_path / "plain")
+
+
+# -----------------------------------------------------------------------------
+# Outlier statistics
+
+
+def test_outlier_stats_on_known_activations():
+    spike = torch.zeros(3, 64)
+    spike[:, 5] = 7.0  # all energy in one channel: max/RMS = sqrt(64)
+    assert outlier_stats(spike)["max_over_rms"] == pytest.approx(8.0)
+    gauss = torch.randn(200, 4096, generator=torch.Generator().manual_seed(0))
+    stats = outlier_stats(gauss)
+    assert stats["kurtosis"] == pytest.approx(3.0, abs=0.05)
+    assert 3.0 < stats["max_over_rms"] < 6.0
+
+
+def test_activation_stats_rows_cover_every_layer_and_site():
+    model = tiny_model()
+    rows = activation_stats(model, torch.arange(10))
+    assert {(r["layer"], r["site"]) for r in rows} == {
+        (i, s) for i in range(2) for s in ("residual", "attn_in", "o_proj_in", "mlp_in", "down_in")}
+    assert not model.layers[0]._forward_pre_hooks and not model.layers[0].mlp.down_proj._forward_pre_hooks
+
+
+def test_hadamard_sizes_command(capsys):
+    rotate.main(rotate.parse_args(["--sizes", "576,172"]))
+    out = capsys.readouterr().out
+    assert "576 =   36" in out and "FALLBACK" in out
+
+
+# -----------------------------------------------------------------------------
+# Real checkpoints
+
+
+@pytest.mark.slow
+def test_rotated_stories260K_is_the_same_model(stories_model, stories_dir):
+    from model import Tokenizer
+    idx = torch.tensor([Tokenizer(stories_dir).encode("Once upon a time, there was a")])
+    rotated = copy.deepcopy(stories_model)  # the fixture is shared: never change it
+    record = rotate_model(rotated, seed=0, rotate_ov=True)
+    assert record["fallbacks"][0]["size"] == 172  # intermediate 172 = 4 * 43
+    err = relative_error(rotated(idx), stories_model(idx))
+    assert err < 1e-4
+    assert torch.equal(rotated.generate(idx, 16), stories_model.generate(idx, 16))
+    print(f"stories260K R1+R2+R4: float32 relative logit error {err:.1e}")
+
+
+@pytest.mark.slow
+def test_rotated_smollm2_is_the_same_model_and_loses_its_outliers(smollm_model, smollm_dir):
+    from model import Tokenizer
+    text = "The capital of France is Paris. The Eiffel Tower was built in 1889 for the World's Fair."
+    idx = torch.tensor([Tokenizer(smollm_dir).encode(text)])
+    rotated = copy.deepcopy(smollm_model)
+    rotate_model(rotated, seed=0, rotate_ov=True)
+    err = relative_error(rotated(idx), smollm_model(idx))
+    print(f"SmolLM2-135M float32 relative logit error {err:.1e}")
+    assert err < 1e-4
+    assert torch.equal(rotated.generate(idx[:, :8], 8), smollm_model.generate(idx[:, :8], 8))
+
+    linear_inputs = lambda rows: max(r["max_over_rms"] for r in rows if r["site"] != "residual")
+    before = linear_inputs(activation_stats(smollm_model, idx))
+    after = linear_inputs(activation_stats(rotated, idx))
+    print(f"SmolLM2-135M largest max|x|/RMS over linear inputs: {before:.1f} -> {after:.1f}")
+    assert after < 0.5 * before
