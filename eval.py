@@ -1,0 +1,509 @@
+"""Zero-shot commonsense accuracy and WikiText-2 perplexity, with lm-evaluation-harness semantics.
+
+What the harness does, and so what this file does (harness file names in brackets):
+  - prompts: each task's context and choices as its task yaml builds them; prepared once by
+    data/commonsense/prepare.py and data/hellaswag/prepare.py (see their docstrings);
+  - requests: (context, " " + choice) per choice, the " " being the harness's target_delimiter;
+    WinoGrande is the "multiple input" task: (sentence up to the blank + option, " " + rest);
+  - tokens [models/huggingface.py: _encode_pair]: trailing spaces of the context move to the
+    continuation, context + continuation is encoded as ONE string and split at the token count of
+    the encoded context alone. No BOS token: HFLM encodes with add_special_tokens=False
+    (add_bos_token defaults to False), for LLaMA tokenizers too; `add_bos=True` (--bos) prepends
+    it, like the harness's add_bos_token=True model argument;
+  - score: the sum of the log-probabilities of the continuation's tokens;
+  - metrics [api/task.py: process_results]: acc = argmax of the sums; acc_norm = argmax of
+    sum / len(choice), len counted in characters of the choice text (without the joining space);
+    stderr = sample standard deviation / sqrt(n) = sqrt(p (1 - p) / (n - 1)) for a 0/1 metric.
+    The metric reported per task is acc_norm where the harness computes it, else acc.
+Perplexity follows GPTQ / QuaRot: the text tokenized as one stream (as the tokenizer's plain
+__call__ would, so LLaMA tokenizers start it with BOS), cut into non-overlapping windows of
+seq_len tokens (the tail dropped), exp of the mean next-token NLL.
+
+Speed: requests of all items and choices are batched, right-padded (harmless: attention is
+causal), one forward per batch. The choices of an item share their context, so by default
+the shared token prefix runs once and its KV cache is reused by every choice (a batch shares
+the shortest prefix of its items; exact whenever every module acts per token: true for the
+float model and for quant.py's per-token activation and KV quantizers; --no-share-prefix
+turns it off). Only the scored positions reach lm_head.
+
+Run:
+    python eval.py --model smollm2-135m-instruct --limit 100
+    python eval.py --model data/models/smollm2-135m-instruct --ppl --json out/eval.json
+    python eval.py --model DIR --rotate --bits 4 --quant gptq
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import KVCache, Tokenizer, load_checkpoint, resolve_model_dir
+
+ROOT = Path(__file__).resolve().parent
+DATA_DIR = ROOT / "data"
+
+# -----------------------------------------------------------------------------
+# Tasks
+
+# name -> (data folder, metrics the harness reports for it)
+TASKS = {
+    "boolq": ("commonsense", ("acc",)),
+    "piqa": ("commonsense", ("acc", "acc_norm")),
+    "siqa": ("commonsense", ("acc",)),
+    "hellaswag": ("hellaswag", ("acc", "acc_norm")),
+    "winogrande": ("commonsense", ("acc",)),
+    "arc_easy": ("commonsense", ("acc", "acc_norm")),
+    "arc_challenge": ("commonsense", ("acc", "acc_norm")),
+    "openbookqa": ("commonsense", ("acc", "acc_norm")),
+}
+# The seven tasks the RoLoRA paper averages (SIQA can be evaluated but is not averaged).
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+TARGET_DELIMITER = " "
+BOOLQ_NOTE = "BoolQ here has no passage (question only): not comparable with published BoolQ numbers"
+
+
+def reported_metric(task: str) -> str:
+    return "acc_norm" if "acc_norm" in TASKS[task][1] else "acc"
+
+
+def _load_prepare_script(folder: str):
+    """data/<folder>/prepare.py as a module (data/ is a folder of scripts, not a package)."""
+    path = DATA_DIR / folder / "prepare.py"
+    spec = importlib.util.spec_from_file_location(f"prepare_{folder}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_task(name: str, data_dir: Path | None = None) -> list[dict]:
+    """The prepared records of one task, preparing them from the mirror on first use."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
+    folder = TASKS[name][0]
+    out_dir = Path(data_dir or DATA_DIR) / folder
+    path = out_dir / f"{name}.jsonl"
+    if not path.is_file():
+        prepare = _load_prepare_script(folder).prepare
+        prepare(out_dir, tasks=[name]) if folder == "commonsense" else prepare(out_dir)
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path}: no records for task '{name}'; delete the file and re-run "
+                         f"data/{folder}/prepare.py")
+    for r in records:
+        n = len(r["choices"])
+        if n < 2 or not 0 <= r["gold"] < n:
+            raise ValueError(f"{path}: record {r.get('id')} has {n} choices and gold {r['gold']}")
+    return records
+
+
+def build_requests(record: dict) -> list[tuple[str, str]]:
+    """(context, continuation) per choice, as the harness's construct_requests builds them."""
+    if "contexts" in record:  # WinoGrande: the option is in the context, the rest is scored
+        return [(c, TARGET_DELIMITER + record["suffix"]) for c in record["contexts"]]
+    return [(record["context"], TARGET_DELIMITER + c) for c in record["choices"]]
+
+
+# -----------------------------------------------------------------------------
+# Tokenizing a request the harness's way
+
+
+def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation), split exactly as the harness splits them."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:  # "Answer: " + "x" is scored as "Answer:" + " x": the space belongs to the answer
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if context:
+        whole = tokenizer.encode(context + continuation, bos=False)
+        context_ids = tokenizer.encode(context, bos=False)
+        continuation_ids = whole[len(context_ids):]
+        if add_bos:
+            context_ids = [tokenizer.bos_id] + context_ids
+    else:  # nothing to condition on: the harness uses one prefix token (BOS, else EOS)
+        prefix = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        context_ids, continuation_ids = [prefix], tokenizer.encode(continuation, bos=False)
+    if not continuation_ids:
+        raise ValueError(f"continuation {continuation!r} after context {context[-40:]!r} encodes to no tokens")
+    return context_ids, continuation_ids
+
+
+# -----------------------------------------------------------------------------
+# Log-likelihood of continuations, batched
+
+
+@dataclass
+class Row:
+    """One request after tokenizing: the model reads `inputs`, the last len(targets) positions are scored."""
+    request: int        # index into the caller's list of requests
+    inputs: list[int]   # (context + continuation)[:-1], left-truncated to the model's window
+    targets: list[int]  # the continuation tokens
+
+
+def make_row(request: int, context_ids: list[int], continuation_ids: list[int], max_len: int) -> Row:
+    if len(continuation_ids) > max_len:
+        raise ValueError(f"request {request}: continuation of {len(continuation_ids)} tokens exceeds "
+                         f"the model's {max_len}")
+    tokens = (context_ids + continuation_ids)[-(max_len + 1):]  # the harness truncates from the left
+    return Row(request, tokens[:-1], continuation_ids)
+
+
+def shared_prefix_length(rows: list[Row]) -> int:
+    """Longest common prefix of the rows' inputs that contains no scored position."""
+    first_scored = min(len(r.inputs) - len(r.targets) for r in rows)
+    n = 0
+    for tokens in zip(*(r.inputs for r in rows)):
+        if n >= first_scored or any(t != tokens[0] for t in tokens):
+            break
+        n += 1
+    return n
+
+
+class ScorePositionsOnly:
+    """While active, lm_head sees only the hidden states at `positions` (a (rows, cols) index
+    pair), so the (B, T, vocab) logits of positions nobody reads are never computed. With
+    positions None, lm_head sees nothing (a prefix pass needs only its KV cache)."""
+
+    def __init__(self, model):
+        self.model, self.positions = model, None
+
+    def __enter__(self):
+        self.handle = self.model.lm_head.register_forward_pre_hook(self._select)
+        return self
+
+    def _select(self, module, args):
+        hidden = args[0]  # (B, T, C)
+        if self.positions is None:
+            return (hidden[:, :0],)
+        return (hidden[self.positions],)  # (N, C)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _batches(groups: list[list[Row]], prefix_lens: list[int], batch_size: int,
+             max_waste: float = 0.25, min_tokens: int = 256):
+    """Pack item groups, in order, into batches of at most batch_size rows; yields (prefix, items).
+
+    A batch shares the shortest prefix of its items and pads its rows to the longest rest. Once
+    a batch holds min_tokens (enough for an efficient matmul) it closes rather than let padding
+    and recomputed prefix tokens grow past max_waste of the tokens it needs."""
+    def processed(batch):  # tokens the two forwards of `batch` run through the model
+        prefix = min(p for _, p in batch)
+        rows = [r for g, _ in batch for r in g]
+        return len(batch) * prefix + len(rows) * max(len(r.inputs) - prefix for r in rows)
+
+    def needed(batch):  # each item's prefix once, then each row's own tokens
+        return sum(p + sum(len(r.inputs) - p for r in g) for g, p in batch)
+
+    batch = []
+    for item in zip(groups, prefix_lens):
+        grown = batch + [item]
+        too_many_rows = sum(len(g) for g, _ in grown) > batch_size
+        too_wasteful = processed(grown) > (1 + max_waste) * needed(grown)
+        if batch and (too_many_rows or (too_wasteful and processed(batch) >= min_tokens)):
+            yield min(p for _, p in batch), [g for g, _ in batch]
+            grown = [item]
+        batch = grown
+    if batch:
+        yield min(p for _, p in batch), [g for g, _ in batch]
+
+
+@torch.inference_mode()
+def score_batch(model, items: list[list[Row]], prefix_len: int, pad_id: int = 0) -> list[float]:
+    """Sum of continuation log-probs for every row of `items` (each item a list of rows that
+    share their first prefix_len input tokens): prefix once per item, then all rows."""
+    rows = [row for item in items for row in item]
+    device = model.lm_head.weight.device
+    cache = None
+    with ScorePositionsOnly(model) as scope:
+        if prefix_len > 0:
+            prefix = torch.tensor([item[0].inputs[:prefix_len] for item in items], device=device)  # (n_items, P)
+            cache = KVCache(len(model.layers))
+            model(prefix, cache)  # fills the cache; lm_head sees nothing
+            per_item = torch.tensor([len(item) for item in items], device=device)
+            for layer in range(len(model.layers)):  # (n_items, nkv, P, hs) -> (rows, nkv, P, hs)
+                cache.keys[layer] = cache.keys[layer].repeat_interleave(per_item, dim=0)
+                cache.values[layer] = cache.values[layer].repeat_interleave(per_item, dim=0)
+        rests = [r.inputs[prefix_len:] for r in rows]
+        width = max(len(x) for x in rests)
+        batch = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)  # (rows, T), right-padded
+        row_idx, col_idx, targets, owner = [], [], [], []
+        for i, (rest, row) in enumerate(zip(rests, rows)):
+            batch[i, :len(rest)] = torch.tensor(rest, dtype=torch.long)
+            first = len(rest) - len(row.targets)  # logits at position p predict token p + 1
+            row_idx += [i] * len(row.targets)
+            col_idx += range(first, len(rest))
+            targets += row.targets
+            owner += [i] * len(row.targets)
+        scope.positions = (torch.tensor(row_idx, device=device), torch.tensor(col_idx, device=device))
+        logits = model(batch, cache)  # (N, vocab): only the scored positions
+    if logits.shape != (len(targets), model.config.vocab_size):
+        raise RuntimeError(f"expected logits of the {len(targets)} scored positions, got {tuple(logits.shape)}: "
+                           "does the model's forward still end with lm_head(norm(x))?")
+    logprobs = F.log_softmax(logits.double(), dim=-1)
+    token_lp = logprobs.gather(1, torch.tensor(targets, device=device)[:, None]).squeeze(1)  # (N,)
+    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    sums.index_add_(0, torch.tensor(owner, device=device), token_lp)
+    return sums.tolist()
+
+
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], items: list[list[int]] | None = None,
+                   batch_size: int = 32, share_prefix: bool = True, add_bos: bool = False,
+                   progress: bool = True, desc: str = "loglikelihood") -> list[float]:
+    """Sum of log P(continuation | context) for each (context, continuation) request.
+
+    items: lists of request indices whose rows may share a prefix (the choices of one
+    question); default: each request on its own. batch_size counts rows (one per choice).
+    """
+    max_len = model.config.max_position_embeddings
+    rows = [make_row(i, *encode_pair(tokenizer, c, x, add_bos), max_len) for i, (c, x) in enumerate(requests)]
+    groups = [[rows[i] for i in item] for item in (items if items is not None else [[i] for i in range(len(rows))])]
+    if sorted(r.request for g in groups for r in g) != list(range(len(rows))):
+        raise ValueError("items must cover every request exactly once")
+    # Longest items first, as the harness sorts its requests: neighbours in a batch then have
+    # similar lengths, so little padding (and OOM, on a GPU, would show at once).
+    prefix_lens = [shared_prefix_length(g) if share_prefix and len(g) > 1 else 0 for g in groups]
+    order = sorted(range(len(groups)), reverse=True, key=lambda i: max(len(r.inputs) for r in groups[i]))
+    work = list(_batches([groups[i] for i in order], [prefix_lens[i] for i in order], batch_size))
+    scores = [0.0] * len(rows)
+    for prefix_len, batch in tqdm(work, desc=desc, disable=not progress, leave=False):
+        for row, score in zip((r for g in batch for r in g), score_batch(model, batch, prefix_len)):
+            scores[row.request] = score
+    return scores
+
+
+# -----------------------------------------------------------------------------
+# Metrics
+
+
+def argmax_first(values) -> int:
+    """Index of the largest value, the first one on ties (numpy.argmax, as the harness uses)."""
+    best = 0
+    for i, v in enumerate(values):
+        if v > values[best]:
+            best = i
+    return best
+
+
+def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the harness's mean_stderr: sample std / sqrt(n); None for fewer than 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def task_metrics(task: str, records: list[dict], scores: list[list[float]]) -> dict:
+    """acc (and acc_norm where the harness reports it) with standard errors, from per-choice scores."""
+    acc = [float(argmax_first(s) == r["gold"]) for r, s in zip(records, scores)]
+    out = {"n": len(records)}
+    out["acc"], out["acc_stderr"] = mean_and_stderr(acc)
+    if "acc_norm" in TASKS[task][1]:
+        # process_results: completion_len = len(choice) for the doc's choices, the characters of
+        # the choice text without the target delimiter that joins it to the context.
+        norm = [float(argmax_first([ll / len(c) for ll, c in zip(s, r["choices"])]) == r["gold"])
+                for r, s in zip(records, scores)]
+        out["acc_norm"], out["acc_norm_stderr"] = mean_and_stderr(norm)
+    out["metric"] = reported_metric(task)
+    return out
+
+
+def evaluate_task(model, tokenizer, task: str, limit: int | None = None, batch_size: int = 32,
+                  share_prefix: bool = True, add_bos: bool = False, progress: bool = True,
+                  records: list[dict] | None = None) -> dict:
+    """Metrics of one task on its first `limit` items (all when limit is None or 0)."""
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit={limit}: expected a number of items, or None / 0 for all")
+    records = records if records is not None else load_task(task)
+    records = records[:limit] if limit else records
+    requests, items = [], []
+    for r in records:
+        reqs = build_requests(r)
+        items.append(list(range(len(requests), len(requests) + len(reqs))))
+        requests += reqs
+    flat = loglikelihoods(model, tokenizer, requests, items, batch_size, share_prefix, add_bos, progress, desc=task)
+    return task_metrics(task, records, [[flat[i] for i in item] for item in items])
+
+
+def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int = 32,
+                   share_prefix: bool = True, add_bos: bool = False, progress: bool = True) -> dict:
+    """{"tasks": {name: metrics}, "average": mean reported metric over the paper tasks evaluated}."""
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task '{t}'; known tasks: {', '.join(TASKS)}")
+    model.eval()
+    results = {t: evaluate_task(model, tokenizer, t, limit, batch_size, share_prefix, add_bos, progress)
+               for t in tasks}
+    averaged = [t for t in tasks if t in PAPER_TASKS]
+    average = sum(results[t][results[t]["metric"]] for t in averaged) / len(averaged) if averaged else None
+    out = {"tasks": results, "average": average, "average_tasks": averaged}
+    if "boolq" in tasks:
+        out["notes"] = {"boolq": BOOLQ_NOTE}
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Perplexity
+
+
+def load_wikitext2_test(data_dir: Path | None = None) -> str:
+    """The WikiText-2 raw test text, preparing data/wikitext2/test.txt on first use."""
+    out_dir = Path(data_dir or DATA_DIR) / "wikitext2"
+    path = out_dir / "test.txt"
+    if not path.is_file():
+        _load_prepare_script("wikitext2").prepare(out_dir)
+    return path.read_text(encoding="utf-8")
+
+
+def encode_stream(tokenizer, text: str) -> list[int]:
+    """The text as GPTQ/QuaRot tokenize it, tokenizer(text): with the special tokens the
+    tokenizer adds by default. Hugging Face's LLaMA sentencepiece tokenizer adds BOS; a
+    tokenizer.json adds what its post-processor says (nothing for SmolLM2's byte-level BPE)."""
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None:
+        return hf.encode(text, add_special_tokens=True).ids
+    return tokenizer.encode(text, bos=True)
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit_windows: int | None = None,
+               progress: bool = True) -> float:
+    """exp(mean NLL) over non-overlapping windows of seq_len tokens of one token stream."""
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    ids = torch.tensor(encode_stream(tokenizer, text), dtype=torch.long)
+    n_windows = ids.numel() // seq_len  # GPTQ: the tail that does not fill a window is dropped
+    if limit_windows is not None:
+        n_windows = min(n_windows, limit_windows)
+    if n_windows == 0:
+        raise ValueError(f"text of {ids.numel()} tokens is shorter than one window of {seq_len}")
+    device = model.lm_head.weight.device
+    total_nll = 0.0
+    for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
+        window = ids[w * seq_len:(w + 1) * seq_len].to(device)[None]  # (1, T)
+        logits = model(window)  # (1, T, vocab)
+        # each window predicts its own tokens 1..T-1; the first token has no context
+        nll = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
+        total_nll += nll.item()
+    # GPTQ averages per-window mean losses; every window has seq_len - 1 targets, so this equals
+    # the mean over all predicted tokens.
+    return math.exp(total_nll / (n_windows * (seq_len - 1)))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def format_table(results: dict, ppl: float | None = None, seq_len: int | None = None) -> str:
+    lines = ["| task | metric | value % | stderr % | acc % | acc_norm % | n |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    pct = lambda x: "-" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    for task, m in results["tasks"].items():
+        name = task + (" *" if task == "boolq" else "")
+        metric = m["metric"]
+        lines.append(f"| {name} | {metric} | {pct(m[metric])} | {pct(m.get(metric + '_stderr'))} | "
+                     f"{pct(m['acc'])} | {pct(m.get('acc_norm'))} | {m['n']} |")
+    if results.get("average") is not None:
+        lines.append(f"| average ({len(results['average_tasks'])} tasks) | | {pct(results['average'])} | | | | |")
+    if ppl is not None:
+        lines.append(f"| wikitext2 (seq_len {seq_len}) | ppl | {ppl:.3f} | | | | |")
+    if "boolq" in results["tasks"]:
+        lines.append(f"\n* {BOOLQ_NOTE}.")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Zero-shot commonsense accuracy and WikiText-2 perplexity "
+                                            "with lm-evaluation-harness semantics.")
+    p.add_argument("--model", required=True, help="checkpoint directory, or a name data/models/prepare.py knows")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help=f"comma-separated, from {', '.join(TASKS)}; "
+                   "'none' for perplexity only")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each task (default or 0: all)")
+    p.add_argument("--ppl", action="store_true", help="also WikiText-2 perplexity")
+    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window (capped by max_position_embeddings)")
+    p.add_argument("--ppl-windows", type=int, default=None, help="only the first N perplexity windows")
+    p.add_argument("--batch-size", type=int, default=32, help="rows (choices) per forward")
+    p.add_argument("--no-share-prefix", action="store_true",
+                   help="run every choice's full sequence instead of sharing the context's KV cache")
+    p.add_argument("--bos", action="store_true", help="prepend BOS to every context (harness add_bos_token=True)")
+    p.add_argument("--rotate", action="store_true", help="rotate the model first (rotate.py)")
+    p.add_argument("--seed", type=int, default=0, help="rotation seed")
+    p.add_argument("--bits", type=int, default=None, help="shorthand for --w-bits N --a-bits N")
+    p.add_argument("--w-bits", type=int, default=16)
+    p.add_argument("--a-bits", type=int, default=16)
+    p.add_argument("--kv-bits", type=int, default=16)
+    p.add_argument("--quant", choices=("rtn", "gptq"), default="rtn", help="weight quantizer")
+    p.add_argument("--calibration", default=None, help="GPTQ calibration text (.txt, or Alpaca .json); "
+                   "default: the mirror's alpaca_cleaned_2000.json (never the evaluation text)")
+    p.add_argument("--n-calibration", type=int, default=128, help="GPTQ calibration windows")
+    p.add_argument("--calibration-len", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args(argv)
+    if args.bits is not None:
+        args.w_bits = args.a_bits = args.bits
+    return args
+
+
+def prepare_model(args):
+    """Load the checkpoint, then rotate and quantize as the flags ask."""
+    model_dir = resolve_model_dir(args.model)
+    model = load_checkpoint(model_dir, dtype=getattr(torch, args.dtype))
+    tokenizer = Tokenizer(model_dir)
+    if args.rotate:
+        from rotate import rotate_model  # imported here: eval.py works without rotate.py
+        rotate_model(model, seed=args.seed)
+    if min(args.w_bits, args.a_bits, args.kv_bits) < 16:
+        import quant  # imported here: eval.py works without quant.py
+        calibration = None
+        if args.quant == "gptq" and args.w_bits < 16:
+            mirror = Path(os.environ.get("ROLORA_MIRROR", ROOT.parent / "shared" / "assets"))
+            source = args.calibration or mirror / "data" / "alpaca" / "alpaca_cleaned_2000.json"
+            tokens = tokenizer.encode(quant.calibration_text(source))
+            seq_len = min(args.calibration_len, model.config.max_position_embeddings)
+            calibration = quant.calibration_windows(tokens, args.n_calibration, seq_len)
+        quant.quantize_model(model, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
+                             w_method=args.quant, calibration=calibration)
+    return model.eval(), tokenizer, model_dir
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = [] if args.tasks in ("", "none") else args.tasks.split(",")
+    for t in tasks:
+        if t not in TASKS:
+            sys.exit(f"--tasks: unknown task '{t}'; known tasks: {', '.join(TASKS)}")
+    start = time.perf_counter()
+    model, tokenizer, model_dir = prepare_model(args)
+    results = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size,
+                             not args.no_share_prefix, args.bos) if tasks else {"tasks": {}, "average": None}
+    ppl = seq_len = None
+    if args.ppl:
+        seq_len = min(args.seq_len, model.config.max_position_embeddings)
+        ppl = perplexity(model, tokenizer, load_wikitext2_test(), seq_len, args.ppl_windows)
+    seconds = time.perf_counter() - start
+    print(format_table(results, ppl, seq_len))
+    print(f"\nmodel {model_dir}, limit {args.limit}, {seconds:.0f} s")
+    if args.json:
+        out = dict(results, model=str(model_dir), settings={k: v for k, v in vars(args).items() if k != "json"},
+                   seconds=seconds)
+        if ppl is not None:
+            out.update(ppl=ppl, ppl_seq_len=seq_len)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,358 @@
+"""eval.py and the data/*/prepare.py it reads: harness-exact scoring, metrics, perplexity, data.
+
+Fast tests use a tiny random model in float64 and a toy word tokenizer; the slow ones parse the
+full mirror files and score real items with stories260K and its sentencepiece tokenizer."""
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as ev
+from helpers import load_script, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread only adds synchronisation (ruinous on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class WordTokenizer:
+    """GPT-2-like toy: a token is a word with its leading space (" cat"), or a run of spaces.
+
+    Ids come from a fixed hash of the piece into the vocabulary, so the same text always
+    gives the same ids, and "x" + " y" tokenizes differently from "x " + "y"."""
+    bos_id, eos_id = 1, 2
+
+    def __init__(self, vocab_size: int = 128):
+        self.vocab_size = vocab_size
+
+    def pieces(self, text: str) -> list[str]:
+        return re.findall(r" ?[^\s]+|\s+", text)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = [3 + sum(ord(c) * 31 ** i for i, c in enumerate(p)) % (self.vocab_size - 3) for p in self.pieces(text)]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+
+def direct_loglikelihood(model, context_ids, continuation_ids) -> float:
+    """The definition: one full forward, log-softmax, the continuation tokens' log-probs summed."""
+    tokens = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(tokens)[0].double(), dim=-1)  # (T, vocab)
+    start = len(context_ids) - 1  # position p predicts token p + 1
+    return sum(logprobs[start + j, t].item() for j, t in enumerate(continuation_ids))
+
+
+QUESTIONS = [
+    ("Question: Which gas do plants take in?\nAnswer:", ["carbon dioxide", "oxygen", "helium gas in jars"]),
+    ("Question: What melts ice fastest?\nAnswer: ", ["salt", "sand on a cold day"]),  # trailing space
+    ("A man is sitting on a roof. He", ["is using wrap to wrap a pair of skis.", "starts pulling up roofing.",
+                                         "is holding a cube.", "rips tiles off."]),
+]
+
+
+def question_requests():
+    requests, items = [], []
+    for context, choices in QUESTIONS:
+        items.append(list(range(len(requests), len(requests) + len(choices))))
+        requests += [(context, " " + c) for c in choices]
+    return requests, items
+
+
+def test_encode_pair_moves_trailing_space_and_splits_one_encoding():
+    tok = WordTokenizer()
+    context_ids, continuation_ids = ev.encode_pair(tok, "Answer: ", "salt")
+    assert context_ids == tok.encode("Answer:", bos=False)
+    assert continuation_ids == tok.encode(" salt", bos=False)  # not ["Answer:", " "] + ["salt"]
+    assert context_ids + continuation_ids == tok.encode("Answer: salt", bos=False)
+    with_bos, _ = ev.encode_pair(tok, "Answer:", " salt", add_bos=True)
+    assert with_bos == [tok.bos_id] + context_ids
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_scores_equal_direct_logsoftmax_for_any_batching(share_prefix):
+    model = tiny_model(seed=3, dtype=torch.float64)
+    tok = WordTokenizer()
+    requests, items = question_requests()
+    expected = [direct_loglikelihood(model, *ev.encode_pair(tok, c, x)) for c, x in requests]
+    for batch_size in (1, 3, 4, 64):  # one row per forward ... everything in one padded batch
+        for grouping in (items, None):  # choices grouped by question, or every request alone
+            got = ev.loglikelihoods(model, tok, requests, grouping, batch_size=batch_size,
+                                    share_prefix=share_prefix, progress=False)
+            assert got == pytest.approx(expected, abs=1e-10, rel=0)
+
+
+def test_right_padding_does_not_change_a_score():
+    """A short request batched with a much longer one scores exactly as it does alone."""
+    model = tiny_model(seed=4, dtype=torch.float64)
+    tok = WordTokenizer()
+    short = ("Question: Hot or cold?\nAnswer:", " hot")
+    long = ("Question: " + " ".join(f"w{i}" for i in range(60)) + "\nAnswer:", " a long answer of many words")
+    alone = ev.loglikelihoods(model, tok, [short], progress=False)[0]
+    padded = ev.loglikelihoods(model, tok, [short, long], batch_size=2, share_prefix=False, progress=False)[0]
+    assert padded == pytest.approx(alone, abs=1e-10, rel=0)
+
+
+def test_context_is_shared_only_up_to_the_first_scored_token():
+    tok = WordTokenizer()
+    rows = [ev.make_row(i, *ev.encode_pair(tok, "Q: a b c\nA:", x), 256) for i, x in enumerate([" yes", " no"])]
+    n_context = len(tok.encode("Q: a b c\nA:", bos=False))
+    assert ev.shared_prefix_length(rows) == n_context - 1  # the last context token predicts the answer
+    same = [ev.make_row(i, *ev.encode_pair(tok, "Q: a\nA:", " same answer"), 256) for i in range(2)]
+    assert ev.shared_prefix_length(same) == len(tok.encode("Q: a\nA:", bos=False)) - 1
+
+
+def test_acc_norm_divides_by_characters_of_the_choice():
+    records = [{"choices": ["no", "a very long answer"], "gold": 1}]
+    # sums -2.0 vs -9.0: acc picks 0; per character -1.0 vs -0.5: acc_norm picks 1
+    m = ev.task_metrics("arc_easy", records, [[-2.0, -9.0]])
+    assert (m["acc"], m["acc_norm"]) == (0.0, 1.0)
+    # The length is the choice's own characters, not those of " " + choice: here
+    # -3.3/2 = -1.65 < -8/5 = -1.6 picks 1, while -3.3/3 = -1.1 > -8/6 = -1.33 would pick 0.
+    records = [{"choices": ["ab", "abcde"], "gold": 1}]
+    assert ev.task_metrics("piqa", records, [[-3.3, -8.0]])["acc_norm"] == 1.0
+    assert "acc_norm" not in ev.task_metrics("winogrande", records, [[-3.3, -8.0]])  # acc only, as the harness
+
+
+def test_stderr_is_the_harness_sample_stderr():
+    records = [{"choices": ["a", "b"], "gold": 0}] * 10
+    scores = [[0.0, -1.0]] * 7 + [[-1.0, 0.0]] * 3  # 7 of 10 right
+    m = ev.task_metrics("boolq", records, scores)
+    assert m["acc"] == pytest.approx(0.7)
+    assert m["acc_stderr"] == pytest.approx(math.sqrt(0.7 * 0.3 / 9))
+    assert m["metric"] == "acc" and ev.task_metrics("hellaswag", records, scores)["metric"] == "acc_norm"
+
+
+def test_ties_go_to_the_first_choice_like_numpy_argmax():
+    records = [{"choices": ["x", "y"], "gold": 1}]
+    assert ev.task_metrics("piqa", records, [[-1.0, -1.0]])["acc"] == 0.0
+
+
+def test_winogrande_scores_only_the_shared_suffix():
+    record = {"task": "winogrande", "id": "w", "contexts": ["The cup beat the pot because the cup",
+                                                            "The cup beat the pot because the pot"],
+              "suffix": "was hotter.", "choices": ["the cup", "the pot"], "gold": 0}
+    requests = ev.build_requests(record)
+    assert requests == [(record["contexts"][0], " was hotter."), (record["contexts"][1], " was hotter.")]
+    model = tiny_model(seed=5, dtype=torch.float64)
+    tok = WordTokenizer()
+    got = ev.loglikelihoods(model, tok, requests, [[0, 1]], progress=False)
+    for (context, suffix), score in zip(requests, got):
+        context_ids = tok.encode(context, bos=False)
+        suffix_ids = tok.encode(context + suffix, bos=False)[len(context_ids):]
+        assert len(suffix_ids) == 2  # " was", " hotter."
+        assert score == pytest.approx(direct_loglikelihood(model, context_ids, suffix_ids), abs=1e-10)
+        # scoring the option too would add its tokens' log-probs: a different number
+        option_ids = context_ids[-2:]
+        assert score != pytest.approx(direct_loglikelihood(model, context_ids[:-2], option_ids + suffix_ids))
+
+
+def test_perplexity_equals_hand_computation():
+    model = tiny_model(seed=6, dtype=torch.float64)
+    tok = WordTokenizer()
+    text = " ".join(f"word{i % 17}" for i in range(45))  # 45 words + BOS = 46 tokens
+    ids = tok.encode(text, bos=True)
+    seq_len = 8
+    nll, count = 0.0, 0
+    for w in range(len(ids) // seq_len):  # 5 full windows, the last 6 tokens dropped
+        window = ids[w * seq_len:(w + 1) * seq_len]
+        with torch.no_grad():
+            logits = model(torch.tensor([window]))[0]
+        for p in range(seq_len - 1):
+            row = logits[p].tolist()
+            log_z = math.log(sum(math.exp(v) for v in row))
+            nll += log_z - row[window[p + 1]]
+            count += 1
+    assert count == 5 * 7
+    got = ev.perplexity(model, tok, text, seq_len=seq_len, progress=False)
+    # model() returns float32 logits and cross_entropy sums in float32: agreement to ~1e-7
+    assert got == pytest.approx(math.exp(nll / count), rel=1e-6)
+    assert ev.perplexity(model, tok, text, seq_len=seq_len, limit_windows=2, progress=False) != pytest.approx(got)
+    with pytest.raises(ValueError, match="shorter than one window"):
+        ev.perplexity(model, tok, "too short", seq_len=seq_len, progress=False)
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown task 'hellaswag2'.*known tasks: boolq"):
+        ev.load_task("hellaswag2")
+    with pytest.raises(SystemExit, match="unknown task 'arc'"):
+        ev.main(["--model", "unused", "--tasks", "arc"])
+
+
+def test_empty_dataset_file_is_a_clear_error(tmp_path):
+    (tmp_path / "commonsense").mkdir()
+    (tmp_path / "commonsense" / "boolq.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"boolq\.jsonl: no records"):
+        ev.load_task("boolq", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("task", ["piqa", "hellaswag"])
+def test_missing_mirror_file_is_a_clear_error(task, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROLORA_MIRROR", str(tmp_path / "empty_mirror"))
+    (tmp_path / "empty_mirror").mkdir()
+    expected = "piqa_test.json" if task == "piqa" else "hellaswag_val_full.txt.bz2"
+    with pytest.raises(FileNotFoundError, match=f"{expected} not found in the mirror"):
+        ev.load_task(task, data_dir=tmp_path / "data")
+    with pytest.raises(FileNotFoundError, match="wiki.test.raw not found in the mirror"):
+        ev.load_wikitext2_test(data_dir=tmp_path / "data")
+
+
+# -----------------------------------------------------------------------------
+# Slow: the full mirror files, and real items scored with stories260K
+
+MIRROR = Path(os.environ.get("ROLORA_MIRROR", "/nonexistent"))
+EXPECTED_CHOICES = {"boolq": {2}, "piqa": {2}, "siqa": {3}, "winogrande": {2}, "arc_easy": {3, 4, 5},
+                    "arc_challenge": {3, 4, 5}, "openbookqa": {4}, "hellaswag": {4}}
+EXPECTED_COUNTS = {"boolq": 3270, "piqa": 1838, "siqa": 1954, "winogrande": 1267, "arc_easy": 2376,
+                   "arc_challenge": 1172, "openbookqa": 500, "hellaswag": 10042}
+
+
+def llm_adapters_instruction(record: dict) -> str:
+    """Render a prepared record back into the LLM-Adapters instruction it was parsed from."""
+    task, choices = record["task"], record["choices"]
+    if task == "boolq":
+        question = record["context"].removeprefix("Question: ").removesuffix("?\nAnswer:")
+        return f"Please answer the following question with true or false, question: {question}?\n\nAnswer format: true/false"
+    if task == "piqa":
+        goal = record["context"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        return (f"Please choose the correct solution to the question: {goal}\n\nSolution1: {choices[0]}\n\n"
+                f"Solution2: {choices[1]}\n\nAnswer format: solution1/solution2")
+    if task == "winogrande":
+        sentence = record["contexts"][0][:-len(choices[0])] + "_ " + record["suffix"]
+        return ("Please choose the correct answer to fill in the blank to complete the given sentence: "
+                f"{sentence}\n\nOption1: {choices[0]} Option2: {choices[1]} Answer format: option1/option2")
+    question = {"siqa": lambda c: c.removeprefix("Q: ").removesuffix("\nA:"),
+                "openbookqa": lambda c: c}.get(task, lambda c: c.removeprefix("Question: ").removesuffix("\nAnswer:"))
+    options = " ".join(f"Answer{k + 1}: {c}" for k, c in enumerate(choices))
+    fmt = "/".join(f"answer{k + 1}" for k in range(len(choices)))
+    return (f"Please choose the correct answer to the question: {question(record['context'])}\n\n{options}"
+            f"\n\nAnswer format: {fmt}")
+
+
+@pytest.mark.slow
+def test_every_mirror_record_parses(tmp_path):
+    """All records of the full files: counts, choice counts, gold in range, and a round trip:
+    rendering the parsed record again gives back the raw instruction, character for character."""
+    if not MIRROR.is_dir():
+        pytest.skip("no ROLORA_MIRROR")
+    commonsense = load_script("data/commonsense/prepare.py")
+    paths = commonsense.prepare(tmp_path)
+    paths["hellaswag"] = load_script("data/hellaswag/prepare.py").prepare(tmp_path)
+    assert set(paths) == set(EXPECTED_COUNTS)
+    for task, path in paths.items():
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(records) == EXPECTED_COUNTS[task], task
+        assert len({r["id"] for r in records}) == len(records)
+        golds = [r["gold"] for r in records]
+        assert all(0 <= g < len(r["choices"]) for g, r in zip(golds, records)), task
+        assert {len(r["choices"]) for r in records} <= EXPECTED_CHOICES[task], task
+        assert set(golds) >= set(range(min(EXPECTED_CHOICES[task]))), task  # no constant gold
+        assert all(c.strip() for r in records for c in r["choices"]), task
+        if task == "hellaswag":
+            continue
+        raw_file = MIRROR / "data" / "commonsense" / f"{commonsense.TASK_FILES[task][0]}_test.json"
+        for r, original in zip(records, json.loads(raw_file.read_text())):
+            expected = original["instruction"]
+            if task == "winogrande":  # the harness strips the text after the blank
+                expected = re.sub(r"_\s*(.*?)\s*\n\nOption1", r"_ \1\n\nOption1", expected, flags=re.S)
+            assert llm_adapters_instruction(r) == expected, r["id"]
+
+
+@pytest.mark.slow
+def test_hellaswag_context_restores_the_harness_capital(tmp_path):
+    if not MIRROR.is_dir():
+        pytest.skip("no ROLORA_MIRROR")
+    hellaswag = load_script("data/hellaswag/prepare.py")
+    records = [json.loads(x) for x in hellaswag.prepare(tmp_path).read_text().splitlines()]
+    lines = hellaswag.read_text(MIRROR / "data" / "hellaswag" / "hellaswag_val_full.txt.bz2").split("\n")
+    assert records[0]["context"] == "Roof shingle removal: A man is sitting on a roof. He"  # "he".capitalize()
+    assert records[0]["choices"] == lines[2:6] and records[0]["gold"] == int(lines[1])
+    changed = 0
+    for i, r in enumerate(records):
+        raw = lines[6 * i]
+        if r["context"] != raw:  # only the case of one letter, ctx_b's first, may change
+            changed += 1
+            diff = [j for j, (a, b) in enumerate(zip(raw, r["context"])) if a != b]
+            assert len(diff) == 1 and raw[diff[0]].upper() == r["context"][diff[0]], r["id"]
+        assert r["choices"] == lines[6 * i + 2:6 * i + 6]
+    activitynet = sum(not lines[6 * i].split(": ", 1)[1].startswith("How to") for i in range(len(records)))
+    assert 0.9 * activitynet < changed <= activitynet  # WikiHow contexts (empty ctx_b) untouched
+
+
+@pytest.mark.slow
+def test_real_items_score_as_direct_logsoftmax(stories_dir):
+    """stories260K in float64 with its sentencepiece tokenizer on real items of four tasks."""
+    from model import Tokenizer, load_checkpoint
+    model, tok = load_checkpoint(stories_dir, dtype=torch.float64), Tokenizer(stories_dir)
+    requests, items = [], []
+    for task in ("arc_challenge", "winogrande", "boolq", "hellaswag"):
+        for record in ev.load_task(task)[:2]:
+            reqs = ev.build_requests(record)
+            items.append(list(range(len(requests), len(requests) + len(reqs))))
+            requests += reqs
+    expected = []
+    for context, continuation in requests:
+        context_ids, continuation_ids = ev.encode_pair(tok, context, continuation)
+        assert context_ids + continuation_ids == tok.encode(context + continuation, bos=False)
+        expected.append(direct_loglikelihood(model, context_ids, continuation_ids))
+    for batch_size, share in ((1, False), (5, True), (64, True), (64, False)):
+        got = ev.loglikelihoods(model, tok, requests, items, batch_size, share, progress=False)
+        assert got == pytest.approx(expected, abs=1e-9, rel=0)
+
+
+@pytest.mark.slow
+def test_command_line_writes_the_json(stories_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    ev.main(["--model", str(stories_dir), "--tasks", "boolq,arc_easy,winogrande", "--limit", "4",
+             "--ppl", "--seq-len", "128", "--ppl-windows", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert set(result["tasks"]) == {"boolq", "arc_easy", "winogrande"}
+    for name, m in result["tasks"].items():
+        assert m["n"] == 4 and 0 <= m["acc"] <= 1
+        assert ("acc_norm" in m) == (name == "arc_easy")
+    reported = [result["tasks"][t][result["tasks"][t]["metric"]] for t in ("boolq", "arc_easy", "winogrande")]
+    assert result["average"] == pytest.approx(sum(reported) / 3)
+    assert result["ppl"] > 1 and result["ppl_seq_len"] == 128
+    printed = capsys.readouterr().out
+    assert "no passage" in printed and "| boolq * |" in printed
+
+
+@pytest.mark.slow
+def test_rotate_and_quantize_flags_reach_the_model(stories_dir, capsys):
+    """--rotate alone leaves every score as it was (rotation is exact), so the accuracies match;
+    --bits 4 on top changes the model (quant.py's fake quantization), and still evaluates."""
+    pytest.importorskip("rotate")
+    pytest.importorskip("quant")
+    common = ["--model", str(stories_dir), "--tasks", "arc_easy,piqa", "--limit", "4"]
+    plain = ev.main(common)
+    rotated = ev.main(common + ["--rotate"])
+    for task in ("arc_easy", "piqa"):
+        assert rotated["tasks"][task]["acc"] == plain["tasks"][task]["acc"]
+        assert rotated["tasks"][task]["acc_norm"] == plain["tasks"][task]["acc_norm"]
+    args = ev.parse_args(common + ["--rotate", "--bits", "4"])
+    assert (args.w_bits, args.a_bits, args.kv_bits) == (4, 4, 16)
+    model, _, _ = ev.prepare_model(args)
+    assert any(type(m).__name__ == "QuantLinear" for m in model.modules())
+    quantized = ev.main(common + ["--rotate", "--bits", "4"])
+    assert 0 <= quantized["average"] <= 1
+
+
+def test_batches_cover_every_item_once_in_order():
+    groups = [[ev.Row(0, list(range(n)), [0])] * k for n, k in [(90, 4), (80, 4), (30, 2), (29, 5), (5, 3), (4, 1)]]
+    prefix_lens = [60, 10, 25, 20, 3, 0]
+    for batch_size in (1, 4, 8, 64):
+        batches = list(ev._batches(groups, prefix_lens, batch_size, min_tokens=50))
+        assert [g for _, b in batches for g in b] == groups
+        for prefix, batch in batches:
+            assert prefix == min(prefix_lens[groups.index(g)] for g in batch)
+            assert len(batch) == 1 or sum(len(g) for g in batch) <= batch_size
+    # with room for everything, the waste bound still splits the 90-token items from the short ones
+    assert len(list(ev._batches(groups, prefix_lens, 64, min_tokens=50))) > 1
