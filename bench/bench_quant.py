@@ -1,0 +1,145 @@
+"""What fake quantization costs, and what it does to perplexity, on SmolLM2-135M.
+
+Default (speed), in one run:
+  1. forward time of the fp32 model and of its W4A4 RTN fake-quantized copy (weights already
+     quantized; per-token activation quantizers at every linear input) on the same batch,
+     interleaved repeats, median; target ratio <= 1.5;
+  2. RTN (MSE clip search) time for all weights;
+  3. GPTQ time for the whole model on --n-calibration windows of --calibration-len tokens of
+     Alpaca text (the mirror's alpaca_cleaned_2000.json, tokenized with the model's tokenizer).
+
+--ppl: WikiText-2 perplexity (eval.py's definition, on the first --ppl-windows windows of
+--seq-len tokens) under FP, W8A8, W6A6, W4A8, W4A4, each with RTN and GPTQ weights, without
+and with rotation (rotate.py). GPTQ weights do not depend on the activation bits (activations
+are not quantized while GPTQ collects its Hessians), so each weight setting is quantized once.
+
+Run:  python bench/bench_quant.py --threads 2
+      python bench/bench_quant.py --ppl --ppl-windows 16 --seq-len 512 --n-calibration 32
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from model import Tokenizer, load_checkpoint, resolve_model_dir  # noqa: E402
+from quant import calibration_text, calibration_windows, quantize_model  # noqa: E402
+
+PPL_SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]  # (w_bits, a_bits)
+
+
+def calibration(tokenizer, args) -> torch.Tensor:
+    mirror = Path(os.environ.get("ROLORA_MIRROR", ROOT.parent / "shared" / "assets"))
+    source = args.calibration or mirror / "data" / "alpaca" / "alpaca_cleaned_2000.json"
+    return calibration_windows(tokenizer.encode(calibration_text(source)), args.n_calibration, args.calibration_len)
+
+
+@torch.no_grad()
+def forward_seconds(models: dict, batch: torch.Tensor, repeats: int) -> dict:
+    """Median forward time per model, the models interleaved so that load changes hit all alike."""
+    for model in models.values():
+        model(batch)  # warm-up
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(batch)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def speed(model, tokenizer, args):
+    batch = torch.randint(0, model.config.vocab_size, (args.batch, args.batch_len),
+                          generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    w4a4 = quantize_model(copy.deepcopy(model), w_bits=4, a_bits=4)
+    rtn_seconds = time.perf_counter() - start
+    seconds = forward_seconds({"fp32": model, "W4A4 RTN": w4a4}, batch, args.repeats)
+    ratio = seconds["W4A4 RTN"] / seconds["fp32"]
+    del w4a4
+
+    windows = calibration(tokenizer, args)
+    start = time.perf_counter()
+    quantize_model(copy.deepcopy(model), w_bits=4, w_method="gptq", calibration=windows)
+    gptq_seconds = time.perf_counter() - start
+
+    tokens = args.batch * args.batch_len
+    print(f"\nSmolLM2-135M, fp32, CPU, {torch.get_num_threads()} threads\n")
+    print("| measurement | value |")
+    print("|---|---:|")
+    print(f"| forward fp32, batch {args.batch}x{args.batch_len} (median of {args.repeats}) | {seconds['fp32']:.3f} s |")
+    print(f"| forward W4A4 RTN fake-quant, same batch | {seconds['W4A4 RTN']:.3f} s |")
+    print(f"| ratio W4A4 / fp32 (target <= 1.5) | {ratio:.2f} |")
+    print(f"| tokens/s fp32 / W4A4 | {tokens / seconds['fp32']:.0f} / {tokens / seconds['W4A4 RTN']:.0f} |")
+    print(f"| RTN W4 with MSE clip search, all weights | {rtn_seconds:.1f} s |")
+    print(f"| GPTQ W4, {args.n_calibration} windows x {args.calibration_len} tokens | {gptq_seconds:.1f} s |")
+
+
+def perplexities(model, tokenizer, args):
+    import eval as ev  # the evaluation's own perplexity, so the numbers match eval.py's
+
+    text = ev.load_wikitext2_test()
+    ppl = lambda m: ev.perplexity(m, tokenizer, text, args.seq_len, args.ppl_windows, progress=False)  # noqa: E731
+    windows = calibration(tokenizer, args)
+    bases = {"no rotation": model}
+    try:
+        from rotate import rotate_model
+        rotated = copy.deepcopy(model)
+        rotate_model(rotated, seed=0)
+        bases["rotation"] = rotated
+    except ImportError as e:
+        print(f"rotate.py not usable ({e}): rotated rows skipped")
+    rows = []
+    for base_name, base in bases.items():
+        rows.append((base_name, "FP", "-", ppl(base)))
+        for method in ("rtn", "gptq"):
+            for w_bits in sorted({w for w, _ in PPL_SETTINGS}, reverse=True):
+                start = time.perf_counter()
+                weights_only = quantize_model(copy.deepcopy(base), w_bits=w_bits, w_method=method,
+                                              calibration=windows if method == "gptq" else None)
+                print(f"[{base_name}] {method} W{w_bits}: {time.perf_counter() - start:.0f} s", flush=True)
+                for w, a_bits in PPL_SETTINGS:
+                    if w == w_bits:
+                        quantized = quantize_model(copy.deepcopy(weights_only), a_bits=a_bits)
+                        rows.append((base_name, f"W{w_bits}A{a_bits}", method.upper(), ppl(quantized)))
+                        print(f"  {rows[-1]}", flush=True)
+                del weights_only
+    print(f"\nSmolLM2-135M WikiText-2 perplexity, first {args.ppl_windows} windows of {args.seq_len} tokens; "
+          f"GPTQ calibrated on {args.n_calibration} x {args.calibration_len} Alpaca tokens\n")
+    print("| model | bits | weights | perplexity |")
+    print("|---|---|---|---:|")
+    for base_name, bits, method, value in rows:
+        print(f"| {base_name} | {bits} | {method} | {value:.2f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, default=2, help="sequences per timed forward")
+    p.add_argument("--batch-len", type=int, default=256, help="tokens per sequence of the timed forward")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--calibration", default=None, help="GPTQ calibration text (.txt or Alpaca .json)")
+    p.add_argument("--n-calibration", type=int, default=128)
+    p.add_argument("--calibration-len", type=int, default=512)
+    p.add_argument("--ppl", action="store_true", help="print the perplexity table instead of the timings")
+    p.add_argument("--ppl-windows", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = resolve_model_dir(args.model)
+    model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)
+    if args.ppl:
+        perplexities(model, tokenizer, args)
+    else:
+        speed(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()
