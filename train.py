@@ -68,7 +68,7 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     seq_len: int = _opt(256, "cutoff length of a training example in tokens (paper: 1024)")
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = _opt(60, "optimizer steps (default: a short run; 0 or none: use --epochs)")
+    max_steps: int | None = _opt(40, "optimizer steps (default: a short run; 0 or none: use --epochs)")
     grad_clip: float = _opt(1.0, "clip the adapter gradient norm to this")
     qat: bool = _opt(False, "keep activation quantizers active during fine-tuning (straight-through estimator)")
     dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
@@ -89,10 +89,10 @@ class TrainConfig:
     calib_seq_len: int = _opt(512, "GPTQ calibration window length (paper: 2048)")
     # evaluation (eval.py)
     tasks: str = _opt("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa", "zero-shot tasks")
-    eval_limit: int | None = _opt(40, "items per task (0 or none: the full test sets)")
-    ppl_windows: int | None = _opt(8, "WikiText-2 windows for perplexity (0 or none: the whole text)")
+    eval_limit: int | None = _opt(25, "items per task (0 or none: the full test sets)")
+    ppl_windows: int | None = _opt(4, "WikiText-2 windows for perplexity (0 or none: the whole text)")
     ppl_seq_len: int = _opt(512, "perplexity window length (paper: 2048)")
-    val_examples: int | None = _opt(64, "held-out examples for the validation loss (0 or none: all)")
+    val_examples: int | None = _opt(32, "held-out examples for the validation loss (0 or none: all)")
     eval_batch_size: int = _opt(32, "evaluation batch size")
 
 
