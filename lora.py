@@ -26,13 +26,13 @@ Tests: python -m pytest tests/test_lora.py -q
 """
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from model import write_atomically
 
 VARIANTS = ("lora", "reslora")
 RES_TYPES = ("input", "block", "middle")
@@ -434,18 +434,6 @@ PEFT_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": Fa
                     "use_qalora": False, "alora_invocation_tokens": None}
 
 
-def _write_atomically(path: Path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapters(model: nn.Module, directory, base_model_name_or_path: str | None = None):
     """Write the adapters as PEFT does, so PeftModel.from_pretrained(LlamaForCausalLM, directory)
     loads plain-LoRA adapters onto the same base. ResLoRA adapters are written with
@@ -477,9 +465,9 @@ def save_adapters(model: nn.Module, directory, base_model_name_or_path: str | No
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    _write_atomically(directory / ADAPTER_WEIGHTS,
+    write_atomically(directory / ADAPTER_WEIGHTS,
                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomically(directory / ADAPTER_CONFIG,
+    write_atomically(directory / ADAPTER_CONFIG,
                       lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
 
 

@@ -444,7 +444,7 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model.eval()
 
 
-def _write_atomically(path: Path, write):
+def write_atomically(path: Path, write):
     """Call write(tmp_path), then rename: a reader never sees a half-written file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -486,21 +486,21 @@ def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()  # never leave a stale shard next to the new ones
     if len(shards) == 1:
-        _write_atomically(path / "model.safetensors",
+        write_atomically(path / "model.safetensors",
                           lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _write_atomically(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            write_atomically(path / name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
             weight_map.update({k: name for k in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _write_atomically(path / "model.safetensors.index.json",
+        write_atomically(path / "model.safetensors.index.json",
                           lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     hf = config.to_hf()
     hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    _write_atomically(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
+    write_atomically(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
 
 
 def resolve_model_dir(name_or_dir) -> Path:

@@ -6,7 +6,9 @@ ROLORA_MIRROR names a folder laid out like ../shared/assets/, the file is read f
 there and nothing is downloaded. Otherwise it is downloaded once from its canonical
 public location into data/<name>/raw/ and reused from there.
 """
+import json
 import os
+import random
 import urllib.request
 from pathlib import Path
 
@@ -56,3 +58,22 @@ def fetch_raw(mirror_path: str, urls: list[str], download_dir: Path) -> Path:
     raise FileNotFoundError(
         f"could not get '{mirror_path}': set ROLORA_MIRROR to a local mirror (e.g. ../shared/assets) "
         "or check the network. Tried:\n  " + "\n  ".join(errors))
+
+
+def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int = 0):
+    """Shuffle rows (seeded), hold out val_fraction of them, and write val.jsonl and
+    train.jsonl into out_dir, each atomically. Returns (train_path, val_path)."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    n_val = max(1, int(len(rows) * val_fraction))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, part in (("val", rows[:n_val]), ("train", rows[n_val:])):
+        path = out_dir / f"{split}.jsonl"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        tmp.replace(path)
+        paths[split] = path
+        print(f"{path}: {len(part)} examples")
+    return paths["train"], paths["val"]

@@ -9,13 +9,12 @@ on the response tokens only. 10% of the records are held out (seeded shuffle), a
 """
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from mirror import fetch_raw  # noqa: E402
+from mirror import fetch_raw, write_splits  # noqa: E402
 
 # mirror path, canonical download locations
 SOURCES = {
@@ -61,20 +60,7 @@ def prepare(source: str = "gpt4", out_dir: Path = HERE, val_fraction: float = 0.
             raise ValueError(f"{raw}: record {i} lacks 'instruction'/'output'")
         examples.append({"prompt": alpaca_prompt(r["instruction"], r.get("input", "")),
                          "response": r["output"]})
-    random.Random(seed).shuffle(examples)
-    n_val = max(1, int(len(examples) * val_fraction))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, rows in (("val", examples[:n_val]), ("train", examples[n_val:])):
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(path)
-        paths.append(path)
-        print(f"{path}: {len(rows)} examples")
-    return paths[1], paths[0]
-
+    return write_splits(examples, out_dir, val_fraction, seed)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,14 +6,12 @@ stories260K. One story per line in the raw file; 10% held out (seeded shuffle).
     ROLORA_MIRROR=../shared/assets python data/tinystories/prepare.py
 """
 import argparse
-import json
-import random
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from mirror import fetch_raw  # noqa: E402
+from mirror import fetch_raw, write_splits  # noqa: E402
 
 MIRROR_PATH = "data/tinystories/tinystories_sample.txt"
 URLS = ["https://raw.githubusercontent.com/s-ajaykumar/smallGPT/main/tinystories_sample.txt"]
@@ -25,20 +23,7 @@ def prepare(out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
     stories = [line.strip() for line in Path(raw).read_text(encoding="utf-8").splitlines() if line.strip()]
     if not stories:
         raise ValueError(f"{raw}: no stories (expected one story per line)")
-    random.Random(seed).shuffle(stories)
-    n_val = max(1, int(len(stories) * val_fraction))
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for split, rows in (("val", stories[:n_val]), ("train", stories[n_val:])):
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"prompt": "", "response": s}) + "\n" for s in rows))
-        tmp.replace(path)
-        paths.append(path)
-        print(f"{path}: {len(rows)} stories")
-    return paths[1], paths[0]
-
+    return write_splits([{"prompt": "", "response": s} for s in stories], out_dir, val_fraction, seed)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
