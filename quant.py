@@ -14,11 +14,9 @@ The pieces, top to bottom:
   4. `quantize_model(model, w_bits=4, a_bits=4, ...)`: swaps the seven linears of every
      block for QuantLinears in place; GPTQ runs block by block on calibration windows.
 
-Run it (quantizes, prints the NLL of a held-out calibration window before and after,
-saves the fake-quantized weights with --out):
-    python quant.py --model smollm2-135m-instruct --w-bits 4 --a-bits 4 --w-method gptq
+Run it through eval.py, which quantizes a checkpoint and measures what it costs:
+    python eval.py --model smollm2-135m-instruct --w-bits 4 --a-bits 4 --quant gptq --ppl
 """
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -558,60 +556,3 @@ def calibration_text(path) -> str:
         return "\n\n".join("\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k))
                            for r in records)
     return path.read_text()
-
-
-def add_quant_arguments(parser: argparse.ArgumentParser):
-    """--w-bits, --a-bits, ... one flag per QuantConfig field (for quant.py, eval.py, train.py)."""
-    for f in dataclasses.fields(QuantConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            kind = int if f.default is None else type(f.default)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-
-
-def quant_config_from_args(args: argparse.Namespace) -> QuantConfig:
-    return QuantConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(QuantConfig)})
-
-
-# ----------------------------------------------------------------------------------
-# Command line: quantize a checkpoint, report the damage on a held-out window, optionally save
-
-if __name__ == "__main__":
-    import os
-    import time
-
-    from model import Tokenizer, load_checkpoint, resolve_model_dir, save_checkpoint
-
-    mirror = Path(os.environ.get("ROLORA_MIRROR", Path(__file__).resolve().parent.parent / "shared" / "assets"))
-    parser = argparse.ArgumentParser(description="Fake-quantize a checkpoint (RTN or GPTQ).")
-    parser.add_argument("--model", default="stories260K", help="checkpoint dir or a name data/models/prepare.py knows")
-    parser.add_argument("--calibration", default=mirror / "data" / "alpaca" / "alpaca_cleaned_2000.json",
-                        help="GPTQ calibration text, .txt or Alpaca .json (never the evaluation text)")
-    parser.add_argument("--n-calibration", type=int, default=128, help="calibration windows")
-    parser.add_argument("--calibration-len", type=int, default=512, help="tokens per calibration window")
-    parser.add_argument("--out", default=None, help="save the fake-quantized weights here (HF layout)")
-    parser.add_argument("--threads", type=int, default=2)
-    add_quant_arguments(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)
-    config = quant_config_from_args(args)
-    seq_len = min(args.calibration_len, model.config.max_position_embeddings)
-    windows = calibration_windows(tokenizer.encode(calibration_text(args.calibration)), args.n_calibration + 1, seq_len)
-    held_out, windows = windows[-1:], windows[:-1]  # a window the quantizer never sees
-    with torch.no_grad():
-        nll_before = F.cross_entropy(model(held_out)[0, :-1], held_out[0, 1:]).item()
-    start = time.perf_counter()
-    quantize_model(model, config, calibration=windows if config.w_method == "gptq" else None)
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        nll_after = F.cross_entropy(model(held_out)[0, :-1], held_out[0, 1:]).item()
-    print(f"{model_dir.name} W{config.w_bits}A{config.a_bits}KV{config.kv_bits} {config.w_method}: "
-          f"{seconds:.1f} s; held-out window NLL {nll_before:.4f} -> {nll_after:.4f}")
-    if args.out:  # the activation and KV quantizers are not stored: re-apply them with the same flags
-        save_checkpoint(model, args.out)
-        print(f"saved the fake-quantized weights to {args.out}")
