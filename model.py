@@ -46,6 +46,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
+    # Provenance, not math: config.json's "_source" (e.g. "dequantized from a Q4_1 GGUF"). It is
+    # carried into every checkpoint saved from this model so numbers measured on it can say so.
+    source_note: str | None = None
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
@@ -66,9 +69,7 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"{source}: hidden_act '{act}' is not supported (only 'silu')")
-        if hf.get("pretraining_tp", 1) not in (1, None):
-            # pretraining_tp > 1 only changes how HF slices matmuls, not the function
-            pass
+        # pretraining_tp > 1 only changes how HF slices matmuls, not the function: ignored.
 
         # rope_theta and rope_scaling: legacy top-level fields, or (transformers >= 5) one
         # nested `rope_parameters` dict that carries both.
@@ -106,11 +107,14 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
+            source_note=hf.get("_source"),
         )
 
     def to_hf(self) -> dict:
         """The config.json that Hugging Face transformers' LlamaForCausalLM reads."""
-        hf = {f.name: getattr(self, f.name) for f in fields(self)}
+        hf = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source_note"}
+        if self.source_note:
+            hf["_source"] = self.source_note
         hf.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                   attention_bias=False, mlp_bias=False)
         return hf

@@ -61,6 +61,17 @@ def test_config_reads_nested_rope_parameters():
     assert cfg.rope_theta == 123.0 and cfg.rope_scaling["rope_type"] == "llama3"
 
 
+def test_source_note_survives_save_and_load(tmp_path):
+    """A model dequantized from GGUF says so in config.json "_source"; a checkpoint saved from
+    it (e.g. train.py's merged export) must keep saying so."""
+    model = tiny_model()
+    model.config.source_note = "dequantized from a Q4_1 GGUF"
+    save_checkpoint(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["_source"] == "dequantized from a Q4_1 GGUF"
+    assert load_checkpoint(tmp_path).config.source_note == "dequantized from a Q4_1 GGUF"
+    assert "_source" not in tiny_config().to_hf()  # no note, no key
+
+
 @pytest.mark.parametrize("change, message", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
     ({"attention_bias": True}, "attention_bias"),
