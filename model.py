@@ -330,47 +330,22 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout
 
-# The one table that maps Hugging Face parameter names to ours ("{}" is the layer index).
-HF_KEYS = {
-    "model.embed_tokens.weight": "embed_tokens.weight",
-    "model.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.self_attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.self_attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.self_attn.v_proj.weight",
-    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.gate_proj.weight",
-    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.down_proj.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
+# Our parameter names are Hugging Face's minus the "model." prefix (lm_head has none).
+LAYER_WEIGHTS = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+                 "mlp.down_proj")
 # Present in some older checkpoints, derived from the config: skipped on load.
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def hf_to_ours(hf_name: str) -> str | None:
-    """'model.layers.3.mlp.up_proj.weight' -> 'layers.3.mlp.up_proj.weight' (None if unknown)."""
-    parts = hf_name.split(".")
-    layer = next((p for p in parts if p.isdigit()), None)
-    template = hf_name if layer is None else hf_name.replace(f".{layer}.", ".{}.", 1)
-    ours = HF_KEYS.get(template)
-    if ours is None:
-        return None
-    return ours if layer is None else ours.format(layer)
-
-
 def hf_state_dict_names(config: ModelConfig) -> dict[str, str]:
     """Every HF name a checkpoint of this config holds -> our name."""
-    names = {}
-    for hf, ours in HF_KEYS.items():
-        if hf == "lm_head.weight" and config.tie_word_embeddings:
-            continue
-        if "{}" in hf:
-            for i in range(config.num_hidden_layers):
-                names[hf.format(i)] = ours.format(i)
-        else:
-            names[hf] = ours
+    ours = ["embed_tokens.weight"]
+    ours += [f"layers.{i}.{w}.weight" for i in range(config.num_hidden_layers) for w in LAYER_WEIGHTS]
+    ours += ["norm.weight"]
+    names = {f"model.{name}": name for name in ours}
+    if not config.tie_word_embeddings:  # tied: lm_head.weight is embed_tokens.weight, not stored
+        names["lm_head.weight"] = "lm_head.weight"
     return names
 
 
