@@ -60,6 +60,18 @@ def fetch_raw(mirror_path: str, urls: list[str], download_dir: Path) -> Path:
         "or check the network. Tried:\n  " + "\n  ".join(errors))
 
 
+def write_jsonl(rows, path: Path) -> Path:
+    """One JSON object per line, written to a temporary file and renamed into place, so a
+    half-written file never looks complete."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int = 0):
     """Shuffle rows (seeded), hold out val_fraction of them, and write val.jsonl and
     train.jsonl into out_dir, each atomically. Returns (train_path, val_path)."""
@@ -70,10 +82,6 @@ def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, part in (("val", rows[:n_val]), ("train", rows[n_val:])):
-        path = out_dir / f"{split}.jsonl"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
-        tmp.replace(path)
-        paths[split] = path
+        paths[split] = write_jsonl(part, out_dir / f"{split}.jsonl")
         print(f"{path}: {len(part)} examples")
     return paths["train"], paths["val"]

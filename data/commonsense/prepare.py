@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so that `python data/commonsense/prepare.py` finds data/mirror.py
     sys.path.insert(0, str(ROOT))
-from data.mirror import fetch_raw  # noqa: E402
+from data.mirror import fetch_raw, write_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LLM_ADAPTERS_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/dataset/{}/test.json"
@@ -169,13 +169,7 @@ def prepare(out_dir: Path | None = None, tasks: list[str] | None = None) -> dict
         raw = fetch_raw(f"data/commonsense/{folder}_test.json", [LLM_ADAPTERS_URL.format(folder)],
                         HERE / "raw" / folder)
         records = convert_task(task, raw)
-        path = out_dir / f"{task}.jsonl"
-        tmp = path.with_suffix(".jsonl.part")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        tmp.rename(path)  # a half-written file never looks complete
-        paths[task] = path
+        paths[task] = write_jsonl(records, out_dir / f"{task}.jsonl")
     return paths
 
 

@@ -21,7 +21,6 @@ Run:  ROLORA_MIRROR=../shared/assets python data/hellaswag/prepare.py
 """
 import argparse
 import bz2
-import json
 import re
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so that `python data/hellaswag/prepare.py` finds data/mirror.py
     sys.path.insert(0, str(ROOT))
-from data.mirror import fetch_raw  # noqa: E402
+from data.mirror import fetch_raw, write_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 URLS = ["https://raw.githubusercontent.com/klosax/hellaswag_text_data/main/hellaswag_val_full.txt"]
@@ -90,13 +89,7 @@ def prepare(out_dir: Path | None = None) -> Path:
     raw = fetch_raw("data/hellaswag/hellaswag_val_full.txt.bz2", URLS, HERE / "raw")
     records = parse_items(read_text(raw), str(raw))
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "hellaswag.jsonl"
-    tmp = path.with_suffix(".jsonl.part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.rename(path)
-    return path
+    return write_jsonl(records, out_dir / "hellaswag.jsonl")
 
 
 if __name__ == "__main__":
