@@ -83,5 +83,5 @@ def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int
     paths = {}
     for split, part in (("val", rows[:n_val]), ("train", rows[n_val:])):
         paths[split] = write_jsonl(part, out_dir / f"{split}.jsonl")
-        print(f"{path}: {len(part)} examples")
+        print(f"{paths[split]}: {len(part)} examples")
     return paths["train"], paths["val"]
