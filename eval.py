@@ -36,7 +36,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,7 +450,35 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.bits is not None:
         args.w_bits = args.a_bits = args.bits
+    args.ppl_windows = args.ppl_windows or None  # 0: all windows
+    try:
+        validate_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     return args
+
+
+def validate_args(args):
+    """Check every value before the model loads: a typo costs no minutes of loading."""
+    import quant  # imported here: eval.py works without quant.py
+    for task in task_list(args.tasks):
+        if task not in TASKS:
+            raise ValueError(f"--tasks: unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+    for flag in ("w_bits", "a_bits", "kv_bits"):
+        quant.check_bits(getattr(args, flag), "--" + flag.replace("_", "-"))
+    positive = {"limit": 0, "seq_len": 2, "ppl_windows": 1, "batch_size": 1, "n_calibration": 1,
+                "calibration_len": 2, "threads": 1}  # flag -> smallest value
+    for flag, smallest in positive.items():
+        value = getattr(args, flag)
+        if value is not None and value < smallest:
+            raise ValueError(f"--{flag.replace('_', '-')}={value}: must be at least {smallest}")
+    if args.calibration and not Path(args.calibration).is_file():
+        raise FileNotFoundError(f"--calibration {args.calibration}: no such file")
+
+
+def task_list(tasks: str) -> list[str]:
+    """--tasks 'a,b' -> ['a', 'b']; '' or 'none' -> []."""
+    return [] if tasks in ("", "none") else tasks.split(",")
 
 
 def prepare_model(args):
@@ -480,10 +507,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tasks = [] if args.tasks in ("", "none") else args.tasks.split(",")
-    for t in tasks:
-        if t not in TASKS:
-            sys.exit(f"--tasks: unknown task '{t}'; known tasks: {', '.join(TASKS)}")
+    tasks = task_list(args.tasks)
     start = time.perf_counter()
     model, tokenizer, model_dir = prepare_model(args)
     results = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size,

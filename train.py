@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+import typing
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,18 @@ import eval as evaluation
 import lora
 import quant
 import rotate
-from model import Tokenizer, load_checkpoint, resolve_model_dir, save_checkpoint
+from model import LAYER_WEIGHTS, Tokenizer, load_checkpoint, resolve_model_dir, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
 
 def _opt(default, help_text, **kw):
     return field(default=default, metadata={"help": help_text, **kw})
+
+
+def _count(default, help_text):
+    """An optional count where 0 or 'none' on the command line means 'all' (None)."""
+    return _opt(default, help_text, zero_means_all=True)
 
 
 @dataclass
@@ -68,7 +74,7 @@ class TrainConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     seq_len: int = _opt(256, "cutoff length of a training example in tokens (paper: 1024)")
     epochs: float = _opt(1.0, "passes over the training data (ignored when --max-steps is set)")
-    max_steps: int | None = _opt(40, "optimizer steps (default: a short run; 0 or none: use --epochs)")
+    max_steps: int | None = _count(40, "optimizer steps (default: a short run; 0 or none: use --epochs)")
     grad_clip: float = _opt(1.0, "clip the adapter gradient norm to this")
     qat: bool = _opt(False, "keep activation quantizers active during fine-tuning (straight-through estimator)")
     dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16")
@@ -89,31 +95,103 @@ class TrainConfig:
     calib_seq_len: int = _opt(512, "GPTQ calibration window length (paper: 2048)")
     # evaluation (eval.py)
     tasks: str = _opt("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa", "zero-shot tasks")
-    eval_limit: int | None = _opt(25, "items per task (0 or none: the full test sets)")
-    ppl_windows: int | None = _opt(4, "WikiText-2 windows for perplexity (0 or none: the whole text)")
+    eval_limit: int | None = _count(25, "items per task (0 or none: the full test sets)")
+    ppl_windows: int | None = _count(4, "WikiText-2 windows for perplexity (0 or none: the whole text)")
     ppl_seq_len: int = _opt(512, "perplexity window length (paper: 2048)")
-    val_examples: int | None = _opt(32, "held-out examples for the validation loss (0 or none: all)")
+    val_examples: int | None = _count(32, "held-out examples for the validation loss (0 or none: all)")
     eval_batch_size: int = _opt(32, "evaluation batch size")
 
 
+    def validate(self):
+        """Check every value before anything is loaded: a bad flag is one line that names it,
+        not a traceback minutes later (ValueError, or FileNotFoundError for --data/--resume)."""
+        def need(ok: bool, flag: str, why: str):
+            if not ok:
+                raise ValueError(f"--{flag.replace('_', '-')}={getattr(self, flag)!r}: {why}")
+
+        if not (ROOT / "data" / self.data / "prepare.py").is_file() and \
+                not (ROOT / "data" / self.data / "train.jsonl").is_file():
+            raise FileNotFoundError(f"--data {self.data}: no data/{self.data}/prepare.py "
+                                    "(choose alpaca or tinystories)")
+        need(self.variant in lora.VARIANTS, "variant", f"must be one of {lora.VARIANTS}")
+        need(self.res_type in lora.RES_TYPES, "res_type", f"must be one of {lora.RES_TYPES}")
+        need(self.reslora_merge in lora.RESLORA_MERGES, "reslora_merge", f"must be one of {lora.RESLORA_MERGES}")
+        need(self.pre_num >= 1, "pre_num", "must be >= 1")
+        need(not (self.variant == "reslora" and self.res_type == "input" and self.pre_num != 1), "pre_num",
+             "the input shortcut takes exactly one previous block")
+        targets = self.targets.split(",")
+        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in ADAPTABLE_LINEARS]
+        need(not unknown, "targets", f"{unknown} not among the linears of a block: {', '.join(ADAPTABLE_LINEARS)}")
+        for flag in ("rank", "batch_size", "grad_accum", "seq_len", "eval_every", "save_every",
+                     "calib_windows", "eval_batch_size"):
+            need(getattr(self, flag) >= 1, flag, "must be a positive integer")
+        for flag in ("calib_seq_len", "ppl_seq_len"):
+            need(getattr(self, flag) >= 2, flag, "a window needs at least 2 tokens")
+        for flag in ("max_steps", "eval_limit", "ppl_windows", "val_examples"):
+            need(getattr(self, flag) is None or getattr(self, flag) >= 1, flag, "must be positive (0 or none: all)")
+        need(self.grad_accum <= self.batch_size, "grad_accum", f"more micro-batches than the {self.batch_size} "
+             "examples of a step (--batch-size)")
+        for flag in ("lr", "alpha", "epochs", "grad_clip"):
+            need(getattr(self, flag) > 0, flag, "must be positive")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(0 <= self.warmup_ratio <= 1, "warmup_ratio", "must be in [0, 1]")
+        need(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        need(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16")
+        need(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "device", "must be auto, cpu or cuda[:N]")
+        need(self.quant in ("rtn", "gptq"), "quant", "must be rtn or gptq")
+        for flag in ("bits", "w_bits", "a_bits", "kv_bits"):
+            if getattr(self, flag) is not None:
+                quant.check_bits(getattr(self, flag), "--" + flag.replace("_", "-"))
+        tasks = [t for t in self.tasks.split(",") if t]
+        need(all(t in evaluation.TASKS for t in tasks), "tasks", f"known tasks: {', '.join(evaluation.TASKS)}")
+        if self.resume and not (Path(self.out) / "latest").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out} (no {Path(self.out) / 'latest'})")
+
+
+# The linears of a block LoRA can adapt (model.py's checkpoint names ending in _proj).
+ADAPTABLE_LINEARS = tuple(w.rsplit(".", 1)[-1] for w in LAYER_WEIGHTS if w.endswith("_proj"))
+
+
 def parse_args(argv=None) -> TrainConfig:
-    """argparse built from the dataclass: one flag per field, with its help text."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse built from the dataclass: one flag per field, with its help text; the values are
+    validated before they are returned (argparse's one-line error naming the flag)."""
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
-        if f.type in (bool, "bool"):
+        if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int | None": int, "float": float, "int": int, "str": str}.get(str(f.type), type(f.default))
-            p.add_argument(flag, type=none_or(kind), default=f.default, help=help_text)
-    return TrainConfig(**vars(p.parse_args(argv)))
+            continue
+        optional = type(None) in typing.get_args(f.type)  # int | None
+        kind = typing.get_args(f.type)[0] if optional else f.type
+        if f.metadata.get("zero_means_all"):
+            kind = zero_or_none_means_all(kind)
+        elif optional:
+            kind = none_or(kind)
+        p.add_argument(flag, type=kind, default=f.default, help=help_text)
+    cfg = TrainConfig(**vars(p.parse_args(argv)))
+    try:
+        cfg.validate()
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
+    return cfg
 
 
 def none_or(kind):
-    """'none' or 0 on an optional count means 'no limit'."""
+    """'none' on an optional value means None (e.g. --w-bits none: use --bits)."""
     def parse(text):
         return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def zero_or_none_means_all(kind):
+    """'none' or 0 on an optional count means 'no limit' (None)."""
+    def parse(text):
+        value = none_or(kind)(text)
+        return None if value == 0 else value
+    parse.__name__ = kind.__name__
     return parse
 
 
@@ -167,9 +245,16 @@ def batch_for_step(step: int, dataset: list, batch_size: int, seed: int):
     return [dataset[i] for i in order[k * batch_size:(k + 1) * batch_size].tolist()]
 
 
-def lm_loss(logits, targets):
-    """Mean cross-entropy over the target tokens (-100 ignored)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+def count_targets(ids: list[int], n_prompt: int) -> int:
+    """How many positions of make_batch's targets carry a loss: the response tokens that
+    survived the cutoff (none when the prompt alone fills it)."""
+    return max(0, len(ids) - n_prompt)
+
+
+def summed_token_loss(logits, targets):
+    """Sum of the cross-entropies over the target tokens (-100 ignored), in float32.
+    A sum, not a mean: a micro-batch of prompts cut off before their response adds 0, not NaN."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 @torch.no_grad()
@@ -181,10 +266,9 @@ def heldout_loss(model, examples, pad_id, batch_size, device, autocast) -> float
         x, y = make_batch(examples[i:i + batch_size], pad_id)
         with autocast:
             logits = model(x.to(device))
-        total += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(),
-                                 ignore_index=-100, reduction="sum").item()
+        total += summed_token_loss(logits, y.to(device)).item()
         count += int((y != -100).sum())
-    return total / count
+    return total / max(1, count)
 
 
 # -----------------------------------------------------------------------------
@@ -277,16 +361,16 @@ def finetune(cfg: TrainConfig, model, train_set, val_set, pad_id, device, autoca
         t0 = time.perf_counter()
         batch = batch_for_step(step, train_set, cfg.batch_size, cfg.seed)
         micro = max(1, math.ceil(len(batch) / cfg.grad_accum))
-        n_targets = sum(len(ids) - n_prompt for ids, n_prompt in batch)
+        n_targets = sum(count_targets(ids, n_prompt) for ids, n_prompt in batch)
         loss_sum, tokens = 0.0, 0
         for i in range(0, len(batch), micro):
             x, y = make_batch(batch[i:i + micro], pad_id)
             x, y = x.to(device), y.to(device)
             with autocast:
                 logits = model(x)
-            # weight each micro-batch by its share of target tokens: the step's loss is the
-            # mean over all its target tokens, whatever the split
-            loss = lm_loss(logits.float(), y) * (int((y != -100).sum()) / max(1, n_targets))
+            # divide by the step's target count, not the micro-batch's: the step's loss is the
+            # mean over all its target tokens, however it is split into micro-batches
+            loss = summed_token_loss(logits, y) / max(1, n_targets)
             if not torch.isfinite(loss):
                 bar.close()
                 raise NonFiniteLoss(
@@ -366,6 +450,7 @@ def enable_gradient_checkpointing(model):
 
 
 def run(cfg: TrainConfig) -> dict:
+    cfg.validate()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     log_file = (out / "log.txt").open("a")
@@ -388,9 +473,6 @@ def run(cfg: TrainConfig) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device == "cuda" else nullcontext()
     load_dtype = torch.bfloat16 if use_bf16 else torch.float32
     settings = quant_settings(cfg)
-    quant.check_bits(settings["w_bits"], "--w-bits")
-    quant.check_bits(settings["a_bits"], "--a-bits")
-    quant.check_bits(cfg.kv_bits, "--kv-bits")
     bits_label = f"W{settings['w_bits']}A{settings['a_bits']}" + (f"KV{cfg.kv_bits}" if cfg.kv_bits < 16 else "")
     tasks = [t for t in cfg.tasks.split(",") if t]
     torch.manual_seed(cfg.seed)

@@ -90,6 +90,61 @@ def test_scores_equal_direct_logsoftmax_for_any_batching(share_prefix):
             assert got == pytest.approx(expected, abs=1e-10, rel=0)
 
 
+def rotated_w4a4kv4_model(seed: int):
+    """The model every W4A4 accuracy of the README is scored on, in float64: rotated (R1, R4),
+    then weights, activations and the KV cache fake-quantized."""
+    import quant
+    import rotate
+    model = tiny_model(seed=seed, dtype=torch.float64)
+    rotate.rotate_model(model, seed=seed)
+    return quant.quantize_model(model, w_bits=4, a_bits=4, kv_bits=4, w_clip_search=False, progress=False)
+
+
+def test_shared_prefix_scores_equal_full_recomputation_on_a_rotated_quantized_model():
+    """Sharing the context's KV cache is exact only if every module acts per token: here the
+    online Hadamard, the per-token activation quantizers and the per-(head, token) KV quantizer.
+    A quantizer whose grid depended on other tokens (per tensor, say) would break it."""
+    model = rotated_w4a4kv4_model(seed=7)
+    tok = WordTokenizer()
+    requests, items = question_requests()
+    expected = [direct_loglikelihood(model, *ev.encode_pair(tok, c, x)) for c, x in requests]
+    for batch_size in (1, 4, 64):
+        shared = ev.loglikelihoods(model, tok, requests, items, batch_size=batch_size, share_prefix=True,
+                                   progress=False)
+        assert shared == pytest.approx(expected, abs=1e-9, rel=0)
+    # and the quantized model is really another function than the float one
+    float_scores = ev.loglikelihoods(tiny_model(seed=7, dtype=torch.float64), tok, requests, items, progress=False)
+    assert max(abs(a - b) for a, b in zip(float_scores, expected)) > 1e-3
+
+
+def test_long_context_is_truncated_from_the_left_as_the_harness_does():
+    """A context longer than the model's window keeps its LAST tokens: the ones next to the
+    continuation. Scores equal a direct forward over the last max_len + 1 tokens."""
+    max_len = 24
+    model = tiny_model(seed=8, dtype=torch.float64, max_position_embeddings=max_len)
+    tok = WordTokenizer()
+    context = "Question: " + " ".join(f"w{i}" for i in range(40)) + "\nAnswer:"
+    requests = [(context, " a short answer"), (context, " another answer here")]
+    context_ids = tok.encode(context, bos=False)
+    assert len(context_ids) > max_len
+    expected = []
+    for c, x in requests:
+        ctx, cont = ev.encode_pair(tok, c, x)
+        kept = (ctx + cont)[-(max_len + 1):]  # the model reads kept[:-1]: exactly max_len positions
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([kept[:-1]]))[0].double(), dim=-1)
+        first = len(kept) - 1 - len(cont)  # position p predicts token p + 1
+        expected.append(sum(logprobs[first + j, t].item() for j, t in enumerate(cont)))
+    for share_prefix in (True, False):
+        got = ev.loglikelihoods(model, tok, requests, [[0, 1]], share_prefix=share_prefix, progress=False)
+        assert got == pytest.approx(expected, abs=1e-10, rel=0)
+    row = ev.make_row(0, *ev.encode_pair(tok, *requests[0]), max_len)
+    whole = context_ids + tok.encode(" a short answer", bos=False)
+    assert row.inputs == whole[-(max_len + 1):-1]  # the last max_len + 1 tokens, minus the final target
+    with pytest.raises(ValueError, match="exceeds the model's 24"):
+        ev.make_row(0, context_ids, list(range(3, 3 + max_len + 1)), max_len)
+
+
 def test_right_padding_does_not_change_a_score():
     """A short request batched with a much longer one scores exactly as it does alone."""
     model = tiny_model(seed=4, dtype=torch.float64)
@@ -183,8 +238,32 @@ def test_perplexity_equals_hand_computation():
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown task 'hellaswag2'.*known tasks: boolq"):
         ev.load_task("hellaswag2")
-    with pytest.raises(SystemExit, match="unknown task 'arc'"):
-        ev.main(["--model", "unused", "--tasks", "arc"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tasks", "arc"], "unknown task 'arc'"),
+    (["--bits", "1"], "--w-bits=1 must be an integer from 2 to 16"),
+    (["--kv-bits", "17"], "--kv-bits=17 must be an integer from 2 to 16"),
+    (["--seq-len", "0"], "--seq-len=0: must be at least 2"),
+    (["--limit", "-3"], "--limit=-3: must be at least 0"),
+    (["--batch-size", "0"], "--batch-size=0"),
+    (["--n-calibration", "0"], "--n-calibration=0"),
+    (["--calibration", "/no/such/file.json"], "--calibration /no/such/file.json: no such file"),
+])
+def test_bad_flags_are_one_line_errors_before_anything_loads(flags, message, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(ev, "load_checkpoint", must_not_load)
+    monkeypatch.setattr(ev, "resolve_model_dir", must_not_load)
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--model", "unused"] + flags)
+    assert exit_info.value.code == 2  # argparse's usage error
+    assert message in capsys.readouterr().err
+
+
+def test_zero_perplexity_windows_means_all():
+    assert ev.parse_args(["--model", "m", "--ppl-windows", "0"]).ppl_windows is None
+    assert ev.parse_args(["--model", "m", "--ppl-windows", "3"]).ppl_windows == 3
 
 
 def test_empty_dataset_file_is_a_clear_error(tmp_path):
@@ -326,23 +405,37 @@ def test_command_line_writes_the_json(stories_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_rotate_and_quantize_flags_reach_the_model(stories_dir, capsys):
-    """--rotate alone leaves every score as it was (rotation is exact), so the accuracies match;
-    --bits 4 on top changes the model (quant.py's fake quantization), and still evaluates."""
-    pytest.importorskip("rotate")
-    pytest.importorskip("quant")
+def test_rotate_and_quantize_flags_reach_the_model(stories_dir):
+    """--rotate really rotates (the weights change, the online Hadamard is in place, the function
+    does not change), and --bits 4 quantizes a different network with and without it."""
+    rotate = pytest.importorskip("rotate")
     common = ["--model", str(stories_dir), "--tasks", "arc_easy,piqa", "--limit", "4"]
-    plain = ev.main(common)
-    rotated = ev.main(common + ["--rotate"])
-    for task in ("arc_easy", "piqa"):
-        assert rotated["tasks"][task]["acc"] == plain["tasks"][task]["acc"]
-        assert rotated["tasks"][task]["acc_norm"] == plain["tasks"][task]["acc_norm"]
+    idx = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def prepared(*flags):
+        model, _, _ = ev.prepare_model(ev.parse_args(common + list(flags)))
+        with torch.no_grad():
+            return model, model(idx)
+
+    plain, plain_logits = prepared()
+    rotated, rotated_logits = prepared("--rotate")
+    assert isinstance(rotated.layers[0].mlp.down_input_transform, rotate.OnlineHadamard)
+    assert rotated.rotation["seed"] == 0
+    assert not torch.allclose(rotated.layers[0].self_attn.q_proj.weight, plain.layers[0].self_attn.q_proj.weight)
+    assert (rotated_logits - plain_logits).abs().max() < 1e-4  # rotation is exact (fp32 rounding)
+
     args = ev.parse_args(common + ["--rotate", "--bits", "4"])
     assert (args.w_bits, args.a_bits, args.kv_bits) == (4, 4, 16)
-    model, _, _ = ev.prepare_model(args)
-    assert any(type(m).__name__ == "QuantLinear" for m in model.modules())
-    quantized = ev.main(common + ["--rotate", "--bits", "4"])
-    assert 0 <= quantized["average"] <= 1
+    quantized, quantized_logits = prepared("--rotate", "--bits", "4")
+    assert any(type(m).__name__ == "QuantLinear" for m in quantized.modules())
+    _, unrotated_quantized_logits = prepared("--bits", "4")
+    # W4A4 costs something, and what it costs depends on the rotation
+    assert (quantized_logits - plain_logits).abs().max() > 1e-2
+    assert (quantized_logits - unrotated_quantized_logits).abs().max() > 1e-2
+    # the whole command runs, and rotation alone leaves every accuracy as it was
+    plain_results, rotated_results = ev.main(common), ev.main(common + ["--rotate"])
+    for task in ("arc_easy", "piqa"):
+        assert rotated_results["tasks"][task]["acc_norm"] == plain_results["tasks"][task]["acc_norm"]
 
 
 def test_batches_cover_every_item_once_in_order():

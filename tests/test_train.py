@@ -1,16 +1,19 @@
-"""train.py end to end on stories260K + TinyStories: it learns, it resumes exactly, it stops on NaN."""
+"""train.py: the flags are checked before anything loads; the loss covers the response tokens only;
+and end to end on stories260K (slow): it learns, it resumes exactly, it stops on NaN, and every
+flag the README quotes numbers for (--qat, --quant gptq, --variant reslora, --grad-checkpointing,
+--grad-accum) really changes what runs, or provably does not change the result."""
+import copy
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train
-from helpers import ROOT
-
-pytestmark = pytest.mark.slow
+from helpers import ROOT, tiny_model
 
 
 def quick_config(tmp_path, **overrides) -> train.TrainConfig:
@@ -23,12 +26,165 @@ def quick_config(tmp_path, **overrides) -> train.TrainConfig:
     return train.TrainConfig(**settings)
 
 
-@pytest.fixture(autouse=True)
-def _stories_ready(stories_dir):
-    """Prepares stories260K from the mirror (or skips) before train.py looks for it."""
+class WordTokenizer:
+    """A toy tokenizer: one id per whitespace-separated word, BOS 1, EOS 2."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text, bos=True, eos=False):
+        ids = [3 + sum(map(ord, w)) % 120 for w in text.split()]
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
 
-def test_30_step_rolora_run_lowers_heldout_loss_and_quantizes(tmp_path, capsys):
+def reference_loss(model, tokenized) -> float:
+    """The definition, one example at a time: mean cross-entropy of the tokens after the prompt."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, n_prompt in tokenized:
+            logits = model(torch.tensor([ids[:-1]]))[0]            # (T, vocab): position p predicts p + 1
+            scored = range(n_prompt - 1, len(ids) - 1)             # predictions of response tokens
+            targets = torch.tensor([ids[p + 1] for p in scored], dtype=torch.long)
+            total += F.cross_entropy(logits[list(scored)].double(), targets, reduction="sum").item()
+            count += len(scored)
+    return total / count
+
+
+# -----------------------------------------------------------------------------
+# Fast: flags, data, loss
+
+
+def test_help_lists_every_option():
+    text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
+                          text=True, check=True).stdout
+    for f in train.TrainConfig.__dataclass_fields__:
+        assert "--" + f.replace("_", "-") in text
+
+
+BAD_FLAGS = [
+    (["--seq-len", "0"], "--seq-len=0: must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size=0"),
+    (["--grad-accum", "16"], "--grad-accum=16: more micro-batches than the 8 examples"),
+    (["--rank", "0"], "--rank=0"),
+    (["--lr", "0"], "--lr=0.0: must be positive"),
+    (["--dropout", "1"], "--dropout=1.0: must be in [0, 1)"),
+    (["--w-bits", "1"], "--w-bits=1 must be an integer from 2 to 16"),
+    (["--bits", "17"], "--bits=17 must be an integer from 2 to 16"),
+    (["--kv-bits", "0"], "--kv-bits=0 must be an integer from 2 to 16"),
+    (["--quant", "awq"], "--quant='awq': must be rtn or gptq"),
+    (["--variant", "dora"], "--variant='dora'"),
+    (["--res-type", "skip"], "--res-type='skip'"),
+    (["--variant", "reslora", "--res-type", "input", "--pre-num", "2"], "exactly one previous block"),
+    (["--targets", "q_proj,qproj"], "['qproj'] not among the linears of a block"),
+    (["--tasks", "arc"], "--tasks='arc'"),
+    (["--eval-limit", "-1"], "--eval-limit=-1: must be positive (0 or none: all)"),
+    (["--dtype", "float16"], "--dtype='float16'"),
+    (["--data", "nope"], "--data nope: no data/nope/prepare.py"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_is_one_line_naming_it(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("train.py: error:")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(seq_len=0), "--seq-len=0"), (dict(w_bits=1), "--w-bits=1"), (dict(targets="qproj"), "--targets"),
+    (dict(data="nope"), "--data nope"), (dict(resume=True), "--resume: no checkpoint"),
+    (dict(ppl_windows=0), "--ppl-windows=0"),  # from Python, None (not 0) means all
+])
+def test_run_checks_its_config_before_loading_anything(overrides, message, tmp_path, monkeypatch):
+    """train.run(cfg) called from Python validates too, before a model or dataset is touched."""
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded something before the configuration was checked")
+    for name in ("resolve_model_dir", "load_checkpoint", "load_examples"):
+        monkeypatch.setattr(train, name, must_not_load)
+    cfg = train.TrainConfig(out=str(tmp_path / "run"), **overrides)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.run(cfg)
+    assert not (tmp_path / "run").exists()  # nothing written either
+
+
+@pytest.mark.parametrize("flag", ["max_steps", "eval_limit", "ppl_windows", "val_examples"])
+def test_zero_or_none_means_all_for_every_count(flag):
+    option = "--" + flag.replace("_", "-")
+    assert getattr(train.parse_args([option, "0"]), flag) is None
+    assert getattr(train.parse_args([option, "none"]), flag) is None
+    assert getattr(train.parse_args([option, "3"]), flag) == 3
+    # and only there: 0 is not 'all' for a size (it is an error, above)
+    assert train.parse_args(["--w-bits", "none"]).w_bits is None
+
+
+def test_prompt_tokens_carry_no_loss_and_padding_neither():
+    tok = WordTokenizer()
+    examples = [{"prompt": "### Instruction: add two and two\n### Response:\n", "response": "four"},
+                {"prompt": "### Instruction: name a colour\n### Response:\n", "response": "a deep dark blue"},
+                {"prompt": "", "response": "once upon a time there was a cat"}]
+    tokenized = [train.tokenize_example(tok, e, seq_len=64) for e in examples]
+    x, y = train.make_batch(tokenized, pad_id=0)
+    for i, ((ids, n_prompt), e) in enumerate(zip(tokenized, examples)):
+        prompt = tok.encode(e["prompt"], bos=True) if e["prompt"] else [tok.bos_id]
+        assert n_prompt == len(prompt) and ids[:n_prompt] == prompt
+        assert ids == tok.encode(e["prompt"] + e["response"], eos=True)
+        n = len(ids) - 1
+        assert x[i, :n].tolist() == ids[:-1] and (x[i, n:] == 0).all()
+        # position p predicts token p + 1: the targets are the response tokens and EOS, nothing else
+        scored = (y[i] != -100).nonzero().flatten().tolist()
+        assert scored == list(range(n_prompt - 1, n))
+        assert y[i, scored].tolist() == ids[n_prompt:]
+        assert train.count_targets(ids, n_prompt) == len(scored)
+
+
+def test_a_prompt_longer_than_the_cutoff_leaves_no_target_and_no_nan():
+    tok = WordTokenizer()
+    long = {"prompt": " ".join(["word"] * 50), "response": "answer"}
+    ids, n_prompt = train.tokenize_example(tok, long, seq_len=16)
+    assert len(ids) == 17 and n_prompt > len(ids) and train.count_targets(ids, n_prompt) == 0
+    x, y = train.make_batch([(ids, n_prompt)], pad_id=0)
+    assert (y == -100).all()
+    logits = torch.randn(1, x.shape[1], 128)
+    assert train.summed_token_loss(logits, y).item() == 0.0  # a mean would be 0/0 = NaN
+
+
+def test_heldout_loss_is_the_mean_over_response_tokens():
+    model = tiny_model(seed=2)
+    tok = WordTokenizer()
+    examples = [{"prompt": "q: " + " ".join(["x"] * k) + "\n", "response": "a b c d"[: 2 * k + 1]} for k in range(1, 6)]
+    tokenized = [train.tokenize_example(tok, e, seq_len=64) for e in examples]
+    no_autocast = torch.autocast("cpu", enabled=False)
+    for batch_size in (1, 2, 8):  # padding and batching change nothing
+        got = train.heldout_loss(model, tokenized, 0, batch_size, "cpu", no_autocast)
+        assert got == pytest.approx(reference_loss(model, tokenized), rel=1e-6)
+    # counting the prompt too would give another number: the mask matters on this data
+    everything = [(ids, 1) for ids, _ in tokenized]
+    assert abs(reference_loss(model, everything) - reference_loss(model, tokenized)) > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# Slow: end to end on stories260K
+
+
+def _final_adapters(out):
+    latest = (out / "latest").read_text().strip()
+    return load_file(out / latest / "adapters.safetensors")
+
+
+def first_step_examples(cfg: train.TrainConfig, tok):
+    examples = [train.tokenize_example(tok, e, cfg.seq_len) for e in train.load_examples(cfg.data, "train")]
+    return train.batch_for_step(0, examples, cfg.batch_size, cfg.seed)
+
+
+@pytest.fixture
+def stories(stories_dir):
+    """stories260K (prepared from the mirror, or skipped) and its tokenizer."""
+    from model import Tokenizer, load_checkpoint
+    return load_checkpoint(stories_dir), Tokenizer(stories_dir)
+
+
+@pytest.mark.slow
+def test_30_step_rolora_run_lowers_heldout_loss_and_quantizes(tmp_path, capsys, stories):
     cfg = quick_config(tmp_path, max_steps=30, rotate=True, bits=4, tasks="arc_easy", eval_limit=8,
                        save_every=10, eval_every=10, export=True)
     results = train.run(cfg)
@@ -45,19 +201,116 @@ def test_30_step_rolora_run_lowers_heldout_loss_and_quantizes(tmp_path, capsys):
     import rotate
     merged, record = rotate.load_rotated(tmp_path / "run" / "merged")
     assert record["seed"] == cfg.seed
-    from model import Tokenizer, resolve_model_dir
-    tok = Tokenizer(resolve_model_dir("stories260K"))
+    _, tok = stories
     val = [train.tokenize_example(tok, e, cfg.seq_len) for e in train.load_examples("tinystories", "val")][:32]
     loss = train.heldout_loss(merged, val, tok.eos_id, 32, "cpu", torch.autocast("cpu", enabled=False))
     assert loss == pytest.approx(rows["after / FP"]["heldout_loss"], rel=1e-5)
 
 
-def _final_adapters(out):
-    latest = (out / "latest").read_text().strip()
-    return load_file(out / latest / "adapters.safetensors")
+@pytest.mark.slow
+def test_alpaca_training_loss_covers_the_responses_only(tmp_path, stories):
+    """The main job's data: the first step's loss (adapters start as a no-op, B = 0) is the base
+    model's mean loss over the response tokens of that step's examples, computed one by one."""
+    model, tok = stories
+    cfg = quick_config(tmp_path, data="alpaca", seq_len=256, batch_size=4, max_steps=1, val_examples=4)
+    history = train.run(cfg)["history"]
+    examples = first_step_examples(cfg, tok)
+    assert all(n_prompt > 20 for _, n_prompt in examples)  # real prompts, masked
+    assert history["train_loss"][0] == pytest.approx(reference_loss(model, examples), rel=1e-5)
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_grad_accumulation_equals_one_big_batch(tmp_path, stories):
+    """--grad-accum 4 (micro-batches of 2) must give the adapters of one batch of 8, also when
+    examples have very different response lengths and some prompts fill the whole cutoff."""
+    _, tok = stories
+    settings = dict(data="alpaca", seq_len=160, batch_size=8, max_steps=3, val_examples=4, save_every=3)
+    cut_off = [train.count_targets(ids, n) == 0 for ids, n in first_step_examples(quick_config(tmp_path, **settings), tok)]
+    assert any(cut_off) and not all(cut_off)  # the case a per-micro-batch mean turns into NaN
+    one = train.run(quick_config(tmp_path / "one", **settings))
+    accumulated = train.run(quick_config(tmp_path / "acc", grad_accum=4, **settings))
+    assert accumulated["history"]["train_loss"] == pytest.approx(one["history"]["train_loss"], rel=1e-5)
+    a, b = _final_adapters(tmp_path / "one" / "run"), _final_adapters(tmp_path / "acc" / "run")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), key
+
+
+@pytest.mark.slow
+def test_qat_trains_on_the_quantized_model_and_merges_into_the_float_one(tmp_path, stories):
+    import quant
+    model, tok = stories
+    cfg = quick_config(tmp_path, qat=True, bits=4, max_steps=4, export=True)
+    results = train.run(cfg)
+    # the first step's loss is that of the W4A4 model (the quantizers are active in training)
+    quantized = quant.quantize_model(copy.deepcopy(model), w_bits=4, a_bits=4, progress=False)
+    examples = first_step_examples(cfg, tok)
+    assert results["history"]["train_loss"][0] == pytest.approx(reference_loss(quantized, examples), rel=1e-4)
+    assert reference_loss(quantized, examples) > reference_loss(model, examples) + 0.05
+    # the trained adapters reach the full-precision model that is merged and exported
+    rows = results["rows"]
+    assert abs(rows["after / FP"]["heldout_loss"] - rows["before / FP"]["heldout_loss"]) > 1e-3
+    from model import load_checkpoint
+    merged = load_checkpoint(tmp_path / "run" / "merged")
+    val = [train.tokenize_example(tok, e, cfg.seq_len) for e in train.load_examples("tinystories", "val")][:32]
+    loss = train.heldout_loss(merged, val, tok.eos_id, 32, "cpu", torch.autocast("cpu", enabled=False))
+    assert loss == pytest.approx(rows["after / FP"]["heldout_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_quant_gptq_runs_gptq_on_calibration_from_the_training_data(tmp_path, monkeypatch):
+    import quant
+    calls = []
+    real_gptq = quant.gptq_quantize_blocks
+
+    def spy(model, calibration, config, progress=True):
+        calls.append((tuple(calibration.shape), config.w_bits))
+        return real_gptq(model, calibration, config, progress)
+
+    monkeypatch.setattr(quant, "gptq_quantize_blocks", spy)
+    common = dict(w_bits=4, a_bits=16, max_steps=2, calib_windows=8, calib_seq_len=64)
+    gptq = train.run(quick_config(tmp_path / "gptq", quant="gptq", **common))["rows"]
+    assert calls == [((8, 64), 4), ((8, 64), 4)]  # before and after fine-tuning
+    rtn = train.run(quick_config(tmp_path / "rtn", quant="rtn", **common))["rows"]
+    assert len(calls) == 2
+    for row in ("before / W4A16", "after / W4A16"):  # measured: 1.907 vs 1.941, 1.914 vs 1.925
+        print(f"{row}: held-out loss GPTQ {gptq[row]['heldout_loss']:.4f}, RTN {rtn[row]['heldout_loss']:.4f}")
+        assert gptq[row]["heldout_loss"] < rtn[row]["heldout_loss"]
+
+
+@pytest.mark.slow
+def test_reslora_variant_trains_reslora_adapters(tmp_path):
+    cfg = quick_config(tmp_path, variant="reslora", res_type="middle", pre_num=2, max_steps=4)
+    rows = train.run(cfg)["rows"]
+    config = json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RESLORA" and config["reslora"]["res_type"] == "middle"
+    assert config["reslora"]["pre_num"] == 2
+    assert rows["after / FP"]["heldout_loss"] < rows["before / FP"]["heldout_loss"]
+
+
+@pytest.mark.slow
+def test_grad_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypatch):
+    import torch.utils.checkpoint
+    calls = {"n": 0}
+    real_checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
+    settings = dict(max_steps=3, save_every=3, dropout=0.1)  # dropout: recomputation must replay the RNG
+    plain = train.run(quick_config(tmp_path / "plain", **settings))
+    assert calls["n"] == 0
+    recomputed = train.run(quick_config(tmp_path / "ckpt", grad_checkpointing=True, **settings))
+    assert calls["n"] >= 3 * 5  # every block of every training forward (stories260K: 5 blocks)
+    assert recomputed["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], rel=1e-6)
+    a, b = _final_adapters(tmp_path / "plain" / "run"), _final_adapters(tmp_path / "ckpt" / "run")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stories):
     straight = quick_config(tmp_path / "a", dropout=0.1)  # dropout: the RNG state must be restored too
     expected = train.run(straight)
 
@@ -84,16 +337,20 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert resumed["rows"]["after / FP"] == expected["rows"]["after / FP"]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, stories):
     calls = {"n": 0}
-    real_loss = train.lm_loss
+    real_loss = train.summed_token_loss
 
     def loss_turning_nan(logits, targets):
-        calls["n"] += 1
         loss = real_loss(logits, targets)
-        return loss * float("nan") if calls["n"] == 7 else loss
+        if torch.is_grad_enabled():  # a training step (held-out evaluations run without grad)
+            calls["n"] += 1
+            if calls["n"] == 7:
+                return loss * float("nan")
+        return loss
 
-    monkeypatch.setattr(train, "lm_loss", loss_turning_nan)
+    monkeypatch.setattr(train, "summed_token_loss", loss_turning_nan)
     cfg = quick_config(tmp_path, save_every=3)
     with pytest.raises(train.NonFiniteLoss, match="step 7.*last good checkpoint"):
         train.run(cfg)
@@ -102,33 +359,6 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     adapters = _final_adapters(out)
     assert adapters and all(torch.isfinite(t).all() for t in adapters.values())
     # and the run can go on from there
-    monkeypatch.setattr(train, "lm_loss", real_loss)
+    monkeypatch.setattr(train, "summed_token_loss", real_loss)
     resumed = train.run(quick_config(tmp_path, save_every=3, resume=True))
     assert len(resumed["history"]["train_loss"]) == cfg.max_steps
-
-
-def test_missing_data_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data nope"):
-        train.run(quick_config(tmp_path, data="nope"))
-
-
-def test_unknown_target_module_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="qproj"):
-        train.run(quick_config(tmp_path, targets="qproj"))
-
-
-def test_bits_out_of_range_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--w-bits"):
-        train.run(quick_config(tmp_path, w_bits=1))
-
-
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--resume"):
-        train.run(quick_config(tmp_path, resume=True))
-
-
-def test_help_lists_every_option():
-    text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
-                          text=True, check=True).stdout
-    for f in train.TrainConfig.__dataclass_fields__:
-        assert "--" + f.replace("_", "-") in text
