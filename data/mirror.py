@@ -60,24 +60,93 @@ def fetch_raw(mirror_path: str, urls: list[str], download_dir: Path) -> Path:
         "or check the network. Tried:\n  " + "\n  ".join(errors))
 
 
-def write_jsonl(rows, path: Path) -> Path:
-    """One JSON object per line, written to a temporary file and renamed into place, so a
-    half-written file never looks complete."""
+def decode_text(raw: bytes, where) -> str:
+    """UTF-8 text (a leading byte-order mark dropped) with Windows line endings turned into
+    "\\n", so that a copy saved on Windows prepares exactly like the original. Bytes that are
+    not UTF-8 are a ValueError naming `where` (the file), not a bare UnicodeDecodeError."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
+    return text.replace("\r\n", "\n")
+
+
+def read_text(path: Path) -> str:
+    """A raw input file's text, decoded and normalised by decode_text."""
+    return decode_text(Path(path).read_bytes(), path)
+
+
+def read_json(path: Path):
+    """A raw JSON input file. An empty or invalid file is a ValueError naming the file (a bare
+    json.JSONDecodeError does not say which file), and CRLF inside strings becomes LF."""
+    text = read_text(path)
+    if not text.strip():
+        raise ValueError(f"{path}: empty file (expected a JSON list of records)")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return _lf_strings(data)
+
+
+def _lf_strings(value):
+    """A JSON value with "\\r\\n" turned into "\\n" in every string: a record made on Windows
+    carries them as escapes inside its strings, which are not the file's line endings that
+    decode_text converts."""
+    if isinstance(value, str):
+        return value.replace("\r\n", "\n")
+    if isinstance(value, list):
+        return [_lf_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lf_strings(v) for k, v in value.items()}
+    return value
+
+
+def _write_atomic(path: Path, write) -> Path:
+    """Call write(f) on a temporary file and rename it into place, so a half-written file never
+    looks complete; on any failure the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            write(f)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
-def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int = 0):
+def write_text(text: str, path: Path) -> Path:
+    """Write text atomically (see _write_atomic), with "\\n" line endings on every platform."""
+    return _write_atomic(path, lambda f: f.write(text))
+
+
+# Characters that json.dumps(ensure_ascii=False) leaves as they are but str.splitlines() splits
+# at: written raw, they would cut a record in two for a reader that splits the file into lines.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def jsonl_line(row) -> str:
+    """One record as one line of JSON, whichever way the reader splits lines."""
+    return json.dumps(row, ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS) + "\n"
+
+
+def write_jsonl(rows, path: Path) -> Path:
+    """One JSON object per line, written atomically (see _write_atomic)."""
+    return _write_atomic(path, lambda f: f.writelines(jsonl_line(r) for r in rows))
+
+
+def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int = 0, source=""):
     """Shuffle rows (seeded), hold out val_fraction of them, and write val.jsonl and
-    train.jsonl into out_dir, each atomically. Returns (train_path, val_path)."""
+    train.jsonl into out_dir, each atomically. Returns (train_path, val_path).
+    Too few rows for two non-empty splits is a ValueError naming `source` (the input file)."""
     rows = list(rows)
     random.Random(seed).shuffle(rows)
     n_val = max(1, int(len(rows) * val_fraction))
+    if n_val >= len(rows):  # before writing anything: an empty train.jsonl would train on nothing
+        raise ValueError(f"{source}: {len(rows)} examples, too few for a train and a val split "
+                         f"(val_fraction {val_fraction})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -8,13 +8,12 @@ on the response tokens only. 10% of the records are held out (seeded shuffle), a
     python data/alpaca/prepare.py --source gpt4_full                        # the paper's 52k (download)
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from mirror import fetch_raw, write_splits  # noqa: E402
+from mirror import fetch_raw, read_json, write_splits  # noqa: E402
 
 # mirror path, canonical download locations
 SOURCES = {
@@ -44,23 +43,41 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return template.format(instruction=instruction, input=input)
 
 
+def to_example(record, where: str) -> dict:
+    """One Alpaca record -> {"prompt", "response"}. 'instruction' and 'output' are required,
+    'input' is optional; each must be a string (a null input would crash alpaca_prompt, a
+    number would be formatted into the prompt). Errors name the file, the record and the key."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key in ("instruction", "output"):
+        if key not in record:
+            raise ValueError(f"{where}: missing key '{key}' (record has {sorted(record)})")
+    for key in ("instruction", "input", "output"):
+        if key in record and not isinstance(record[key], str):
+            raise ValueError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
+    return {"prompt": alpaca_prompt(record["instruction"], record.get("input", "")),
+            "response": record["output"]}
+
+
+def load_examples(raw: Path) -> list[dict]:
+    """All records of an Alpaca JSON file as examples. read_json names the file on invalid or
+    empty JSON and turns Windows "\\r\\n" into "\\n"; an empty list is an error here, not
+    two empty output files."""
+    records = read_json(raw)
+    if not isinstance(records, list):
+        raise ValueError(f"{raw}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise ValueError(f"{raw}: no records")
+    return [to_example(r, f"{raw} record {i}") for i, r in enumerate(records)]
+
+
 def prepare(source: str = "gpt4", out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
-    """Write train.jsonl and val.jsonl; returns their paths."""
+    """Write train.jsonl and val.jsonl; returns their paths. Nothing is written when the input is bad."""
     if source not in SOURCES:
         raise ValueError(f"--source {source}: unknown, choose from {sorted(SOURCES)}")
     mirror_path, urls = SOURCES[source]
     raw = fetch_raw(mirror_path, urls, HERE / "raw")
-    try:
-        records = json.loads(Path(raw).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{raw}: not valid JSON ({e})") from None
-    examples = []
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or "instruction" not in r or "output" not in r:
-            raise ValueError(f"{raw}: record {i} lacks 'instruction'/'output'")
-        examples.append({"prompt": alpaca_prompt(r["instruction"], r.get("input", "")),
-                         "response": r["output"]})
-    return write_splits(examples, out_dir, val_fraction, seed)
+    return write_splits(load_examples(raw), out_dir, val_fraction, seed, source=raw)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

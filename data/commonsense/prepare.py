@@ -20,7 +20,6 @@ BoolQ accuracy from this data is not comparable with published BoolQ numbers.
 Run:  ROLORA_MIRROR=../shared/assets python data/commonsense/prepare.py
 """
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so that `python data/commonsense/prepare.py` finds data/mirror.py
     sys.path.insert(0, str(ROOT))
-from data.mirror import fetch_raw, write_jsonl  # noqa: E402
+from data.mirror import fetch_raw, read_json, write_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LLM_ADAPTERS_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/dataset/{}/test.json"
@@ -95,11 +94,28 @@ def parse_numbered_options(text: str, where: str) -> tuple[str, list[str]]:
     return doc["question"], [doc[f"option{k}"] for k in range(1, n_options + 1)]
 
 
+def field(record: dict, key: str, where: str) -> str:
+    """record[key], which must be a string: a missing or mistyped field is a ValueError naming
+    the file, the record and the key (a bare KeyError('answer') names none of them)."""
+    if key not in record:
+        raise ValueError(f"{where}: missing key '{key}' (record has {sorted(record)})")
+    if not isinstance(record[key], str):
+        raise ValueError(f"{where}: '{key}' must be a string, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def checked_answer(record: dict, where: str) -> str:
+    """The 'answer' field, which must agree with the 'output' sentence: when they disagree the
+    gold label is ambiguous, so the record is refused rather than one of them trusted."""
+    answer, output = field(record, "answer", where), field(record, "output", where)
+    if output != f"the correct answer is {answer}":
+        raise ValueError(f"{where}: answer '{answer}' disagrees with output '{output}'")
+    return answer
+
+
 def gold_index(record: dict, prefix: str, n_choices: int, where: str) -> int:
     """'answer3' -> 2, checked against the 'output' sentence and the number of choices."""
-    answer = record["answer"]
-    if record["output"] != f"the correct answer is {answer}":
-        raise ValueError(f"{where}: answer '{answer}' disagrees with output '{record['output']}'")
+    answer = checked_answer(record, where)
     m = re.fullmatch(re.escape(prefix) + r"(\d+)", answer)
     if m is None or not 1 <= int(m.group(1)) <= n_choices:
         raise ValueError(f"{where}: answer '{answer}' is not one of {prefix}1..{prefix}{n_choices}")
@@ -108,16 +124,19 @@ def gold_index(record: dict, prefix: str, n_choices: int, where: str) -> int:
 
 def to_harness_record(task: str, index: int, record: dict, where: str) -> dict:
     """Parse one LLM-Adapters record and build the harness's context and choices for it."""
-    text = record["instruction"]
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    text = field(record, "instruction", where)
     out = {"task": task, "id": f"{task}-{index}"}
     if task == "boolq":
         question = _match(BOOLQ_RE, text, where, ["question: "])["question"]
-        if record["answer"] not in ("true", "false") or record["output"] != f"the correct answer is {record['answer']}":
-            raise ValueError(f"{where}: BoolQ answer must be true/false, got '{record['answer']}'")
+        answer = checked_answer(record, where)
+        if answer not in ("true", "false"):
+            raise ValueError(f"{where}: BoolQ answer must be true/false, got '{answer}'")
         # super_glue/boolq: "{{passage}}\nQuestion: {{question}}?\nAnswer:" with choices no/yes.
         # No passage in this copy, so its line (and the newline that ends it) is left out.
         out.update(context=f"Question: {question}?\nAnswer:", choices=["no", "yes"],
-                   gold=int(record["answer"] == "true"))
+                   gold=int(answer == "true"))
     elif task == "piqa":
         doc = _match(PIQA_RE, text, where, ["\n\nSolution1: ", "\n\nSolution2: "])
         out.update(context=f"Question: {doc['goal']}\nAnswer:", choices=[doc["sol1"], doc["sol2"]],
@@ -147,8 +166,11 @@ def to_harness_record(task: str, index: int, record: dict, where: str) -> dict:
 
 
 def convert_task(task: str, raw_path: Path) -> list[dict]:
-    """All records of one task; raises on the first record that does not parse or a wrong count."""
-    records = json.loads(Path(raw_path).read_text(encoding="utf-8"))
+    """All records of one task; raises on the first record that does not parse or a wrong count.
+    read_json names the file on invalid JSON and turns Windows "\\r\\n" into "\\n"."""
+    records = read_json(raw_path)
+    if not isinstance(records, list):
+        raise ValueError(f"{raw_path}: expected a JSON list of records, got {type(records).__name__}")
     if not records:
         raise ValueError(f"{raw_path}: no records")
     expected = TASK_FILES[task][1]
@@ -158,19 +180,21 @@ def convert_task(task: str, raw_path: Path) -> list[dict]:
 
 
 def prepare(out_dir: Path | None = None, tasks: list[str] | None = None) -> dict[str, Path]:
-    """Write <out_dir>/<task>.jsonl for each task (default all seven); return task -> path."""
+    """Write <out_dir>/<task>.jsonl for each task (default all seven); return task -> path.
+    Every task is parsed before any file is written, so a bad input file leaves no output."""
     out_dir = Path(out_dir) if out_dir is not None else HERE
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {}
-    for task in tasks or list(TASK_FILES):
+    tasks = tasks or list(TASK_FILES)
+    for task in tasks:
         if task not in TASK_FILES:
             raise ValueError(f"unknown commonsense task '{task}'; known: {', '.join(TASK_FILES)}")
+    converted = {}
+    for task in tasks:
         folder = TASK_FILES[task][0]
         raw = fetch_raw(f"data/commonsense/{folder}_test.json", [LLM_ADAPTERS_URL.format(folder)],
                         HERE / "raw" / folder)
-        records = convert_task(task, raw)
-        paths[task] = write_jsonl(records, out_dir / f"{task}.jsonl")
-    return paths
+        converted[task] = convert_task(task, raw)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {task: write_jsonl(records, out_dir / f"{task}.jsonl") for task, records in converted.items()}
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so that `python data/hellaswag/prepare.py` finds data/mirror.py
     sys.path.insert(0, str(ROOT))
-from data.mirror import fetch_raw, write_jsonl  # noqa: E402
+from data.mirror import decode_text, fetch_raw, write_jsonl  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 URLS = ["https://raw.githubusercontent.com/klosax/hellaswag_text_data/main/hellaswag_val_full.txt"]
@@ -41,11 +41,16 @@ UNFINISHED_LOWERCASE_TAIL = re.compile(r"(?:^|[.!?] )([a-z][^.!?\"]*)$")
 
 
 def read_text(path: Path) -> str:
-    """The file's text, bz2-compressed (the mirror's copy) or plain (the download)."""
+    """The file's text, bz2-compressed (the mirror's copy) or plain (the download). Windows line
+    endings become "\\n" (decode_text): a CRLF copy would otherwise leave "\\r" on every line
+    and fail the gold check or end every choice with it."""
     raw = Path(path).read_bytes()
     if raw[:3] == b"BZh":
-        raw = bz2.decompress(raw)
-    return raw.decode("utf-8")
+        try:
+            raw = bz2.decompress(raw)
+        except (OSError, EOFError, ValueError) as e:  # a truncated or corrupt download
+            raise ValueError(f"{path}: not a valid bz2 file ({e})") from None
+    return decode_text(raw, path)
 
 
 def capitalize_ctx_b(query: str) -> str:
@@ -59,11 +64,11 @@ def capitalize_ctx_b(query: str) -> str:
 
 def parse_items(text: str, where: str) -> list[dict]:
     """Split the 6-line groups into harness records; raises on any malformed item."""
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines = lines[:-1]  # the file ends with a newline
-    if not lines:
+    if not text.strip():
         raise ValueError(f"{where}: empty file")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines = lines[:-1]  # the file ends with a newline
     if len(lines) % LINES_PER_ITEM:
         raise ValueError(f"{where}: {len(lines)} lines is not a multiple of {LINES_PER_ITEM}")
     records = []

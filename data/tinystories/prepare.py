@@ -11,7 +11,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from mirror import fetch_raw, write_splits  # noqa: E402
+from mirror import fetch_raw, read_text, write_splits  # noqa: E402
 
 MIRROR_PATH = "data/tinystories/tinystories_sample.txt"
 URLS = ["https://raw.githubusercontent.com/s-ajaykumar/smallGPT/main/tinystories_sample.txt"]
@@ -20,10 +20,13 @@ URLS = ["https://raw.githubusercontent.com/s-ajaykumar/smallGPT/main/tinystories
 def prepare(out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
     """Write train.jsonl and val.jsonl; returns their paths."""
     raw = fetch_raw(MIRROR_PATH, URLS, HERE / "raw")
-    stories = [line.strip() for line in Path(raw).read_text(encoding="utf-8").splitlines() if line.strip()]
+    # read_text turns Windows "\r\n" into "\n"; split on "\n" only, not str.splitlines(),
+    # which would also cut a story at a form feed, "\x85" or a Unicode line separator.
+    stories = [line.strip() for line in read_text(raw).split("\n") if line.strip()]
     if not stories:
         raise ValueError(f"{raw}: no stories (expected one story per line)")
-    return write_splits([{"prompt": "", "response": s} for s in stories], out_dir, val_fraction, seed)
+    examples = [{"prompt": "", "response": s} for s in stories]
+    return write_splits(examples, out_dir, val_fraction, seed, source=raw)
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so that `python data/wikitext2/prepare.py` finds data/mirror.py
     sys.path.insert(0, str(ROOT))
-from data.mirror import fetch_raw  # noqa: E402
+from data.mirror import fetch_raw, read_text, write_text  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # The mirror's file came from here (CRLF line endings there, LF in the mirror).
@@ -25,13 +25,11 @@ def prepare(out_dir: Path | None = None) -> Path:
     """Write <out_dir>/test.txt (default data/wikitext2/) and return its path."""
     out_dir = Path(out_dir) if out_dir is not None else HERE
     raw = fetch_raw("data/wikitext2/wiki.test.raw", URLS, HERE / "raw")
-    text = Path(raw).read_bytes().replace(b"\r\n", b"\n").decode("utf-8")
+    text = read_text(raw)  # UTF-8, "\r\n" -> "\n"; bytes that are not UTF-8 name the file
     if not text.strip():
         raise ValueError(f"{raw}: empty WikiText-2 test file")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "test.txt"
-    path.write_text(text, encoding="utf-8", newline="\n")
-    return path
+    return write_text(text, out_dir / "test.txt")  # atomic: never a half-written test.txt
 
 
 if __name__ == "__main__":
