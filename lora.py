@@ -68,6 +68,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and litgpt
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.module_path = ""  # where add_lora put it ('layers.0.self_attn.q_proj'), for error messages
 
     @property
     def weight(self) -> torch.Tensor:
@@ -91,7 +92,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def _add_to_base_weight(self, delta: torch.Tensor):
         if type(self.base_layer) is not nn.Linear:
-            raise TypeError(f"LoRALinear: cannot merge into a {type(self.base_layer).__name__} base "
+            where = f"LoRALinear {self.module_path}" if self.module_path else "LoRALinear"
+            raise TypeError(f"{where}: cannot merge into a {type(self.base_layer).__name__} base "
                             "(merging moves a quantized weight off its grid): merge the adapters into "
                             "the full-precision model first, then quantize it")
         w = self.base_layer.weight
@@ -341,6 +343,7 @@ def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), rank: int = 16, alp
             chain = chains.setdefault(projection, ResLoRAChain(res_type, pre_num))
             wrapper = ResLoRALinear(linears[name], rank, alpha, dropout, chain, norm_window)
         wrapper.train(linears[name].training)  # a new Module is in train mode; keep the model's mode
+        wrapper.module_path = name
         parent, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(parent), attribute, wrapper)
     return model

@@ -119,44 +119,105 @@ def test_only_adapters_get_gradients_and_the_base_is_bit_identical_after_trainin
 
 
 def test_dropout_acts_on_the_adapter_input_in_training_only():
+    """h = W x + s B A dropout(x): dropout hits the adapter's input, in train mode only; never the base path."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, bias=False)
+    layer = LoRALinear(base, rank=4, alpha=8, dropout=0.5).train()
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        base_out = base(x)
+    # Fresh adapters (B = 0) add exactly zero, so even in train mode the output is the base output
+    # bit for bit; dropout applied to x before base_layer would change it.
+    assert torch.equal(layer(x), base_out)
+
+    randomize_adapters([layer])
+    A, B, s = layer.lora_A.weight, layer.lora_B.weight, layer.scaling
+    torch.manual_seed(1)
+    out = layer(x)
+    torch.manual_seed(1)  # the same RNG state draws the same mask for an input of x's shape
+    dropped = F.dropout(x, 0.5, training=True)
+    assert (dropped == 0).any() and (dropped != 0).any()
+    assert max_diff(out, base_out + s * dropped @ A.T @ B.T) < 1e-6
+    no_dropout = base_out + s * x @ A.T @ B.T
+    assert max_diff(out, no_dropout) > 1e-2  # the mask above really changed the update
+    layer.eval()  # no dropout at all in eval mode
+    assert max_diff(layer(x), no_dropout) < 1e-6
+
+    # The same on a model, for every variant (the ResLoRA forwards apply dropout in their own code):
+    # fresh adapters leave train-mode logits bit-identical.
     model = tiny_model()
+    idx = tokens()
+    expected = model(idx)
+    for variant, res_type in (("lora", "block"), ("reslora", "input"), ("reslora", "block"), ("reslora", "middle")):
+        adapted = add_lora(copy.deepcopy(model), ALL_TARGETS, rank=4, alpha=8, dropout=0.5, variant=variant,
+                           res_type=res_type).train()
+        assert torch.equal(adapted(idx), expected), (variant, res_type)
     add_lora(model, ("q_proj",), rank=4, alpha=8, dropout=0.5)
     randomize_adapters(model)
-    idx = tokens()
     model.train()
     assert max_diff(model(idx), model(idx)) > 0
     model.eval()
     assert torch.equal(model(idx), model(idx))
 
 
-class FakeQuantLinear(nn.Module):
-    """A quant.py-like base: a forward on a 3-bit grid, .weight/.in_features/.out_features."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.weight, self.in_features, self.out_features = linear.weight, linear.in_features, linear.out_features
-
-    def forward(self, x):
-        return F.linear(x, torch.round(self.weight * 4) / 4)
-
-
 def test_lora_on_a_quantized_base_trains_but_refuses_to_merge():
-    torch.manual_seed(0)
-    base = FakeQuantLinear(nn.Linear(16, 8, bias=False))
-    layer = LoRALinear(base, rank=2, alpha=2)
-    randomize_adapters([layer])
-    x = torch.randn(3, 16)
-    expected = base(x) + x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
-    assert max_diff(layer(x), expected) < 1e-6
-    with pytest.raises(TypeError, match="merge the adapters into the full-precision model first"):
-        layer.merge()
-    assert not layer.merged
+    """QAT with LoRA (train.py --qat): quant.quantize_model first, then adapters on the QuantLinears."""
+    quant = pytest.importorskip("quant")
+    model = quant.quantize_model(tiny_model(), w_bits=4, a_bits=4, w_clip_search=False, progress=False)
+    add_lora(model, ALL_TARGETS, rank=4, alpha=8)
+    randomize_adapters(model)  # B != 0: A gets a gradient at the first step too
+    wrapper = model.layers[0].mlp.down_proj
+    assert isinstance(wrapper.base_layer, quant.QuantLinear)
+    # h = QuantLinear(x) + s B A x: the adapter path sees the unquantized x
+    x = torch.randn(3, 5, wrapper.in_features, generator=torch.Generator().manual_seed(0))
+    A, B, s = wrapper.lora_A.weight, wrapper.lora_B.weight, wrapper.scaling
+    assert max_diff(wrapper(x), wrapper.base_layer(x) + s * x @ A.T @ B.T) < 1e-5
+    x_quantized = wrapper.base_layer.input_quantizer(x)  # what the base path multiplies
+    assert max_diff(wrapper(x), wrapper.base_layer(x) + s * x_quantized @ A.T @ B.T) > 1e-3  # tells them apart
+
+    # a training step moves A and B only; the stored quantized weights stay bit-identical
+    mark_only_lora_trainable(model)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert "layers.0.mlp.down_proj.base_layer.weight" in frozen
+    adapters = {k: v.clone() for k, v in lora_state_dict(model).items()}
+    # weight decay on every parameter: a frozen one would still move if it had a gradient
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    model.train()
+    idx = tokens()
+    F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        is_adapter = ".lora_A." in name or ".lora_B." in name
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == is_adapter, name
+    optimizer.step()
+    model.eval()
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())
+    assert all(not torch.equal(state[k], v) for k, v in adapters.items())
+
+    # merging refuses (s B A would move the weight off its 4-bit grid), naming the module
+    before = model(idx)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"LoRALinear layers\.0\.mlp\.down_proj: cannot merge into a "
+                                        r"QuantLinear base.*merge the adapters into the full-precision model first"):
+        wrapper.merge()
+    with pytest.raises(TypeError, match=r"merge_lora: layers\.0\.self_attn\.q_proj wraps a QuantLinear"):
+        merge_lora(model)
+    assert len(lora_modules(model)) == 14 and not any(m.merged for m in lora_modules(model).values())
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert torch.equal(model(idx), before)
+
+    # one quantized linear among full-precision ones: merge_lora checks them all before changing
+    # any (layers.0's q_proj is merged first in a loop that stops at the first error)
     model = tiny_model()
-    model.layers[1].self_attn.q_proj = FakeQuantLinear(model.layers[1].self_attn.q_proj)
+    model.layers[1].self_attn.q_proj = quant.QuantLinear.from_linear(model.layers[1].self_attn.q_proj, 4, 4,
+                                                                     w_clip_search=False)
     add_lora(model, ("q_proj",))
-    with pytest.raises(TypeError, match="layers.1.self_attn.q_proj wraps a FakeQuantLinear"):
+    randomize_adapters(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=r"merge_lora: layers\.1\.self_attn\.q_proj wraps a QuantLinear"):
         merge_lora(model)
     assert not any(m.merged for m in lora_modules(model).values())  # nothing half-merged
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
 def test_unknown_target_and_bad_options_are_clear_errors():
@@ -402,22 +463,46 @@ def train_a_few_steps(model, steps=4, lr=1e-2):
     return model.eval()
 
 
-@pytest.mark.parametrize("res_type", ["input", "middle"])
+def reslora_merge_errors(model, base_logits, idx):
+    """For each merge estimate ("input", "weight"): (|merged - unmerged| / |unmerged - base|, the share
+    of what the adapters changed in the logits that the merge gets wrong; max |merged - unmerged|)."""
+    res_type = next(iter(lora_modules(model).values())).chain.res_type
+    unmerged = model(idx)
+    adaptation = (unmerged - base_logits).norm().item()
+    errors = {}
+    for how in ("input", "weight"):
+        merged = merge_lora(copy.deepcopy(model), reslora_merge=how)(idx)
+        errors[how] = ((merged - unmerged).norm().item() / adaptation, max_diff(merged, unmerged))
+        print(f"\nResLoRA {res_type} shortcut, {how}-based merge: |merged - unmerged| / |unmerged - base| = "
+              f"{errors[how][0]:.3g}, max |merged - unmerged| = {errors[how][1]:.2e}")
+    return errors
+
+
+# |merged - unmerged| / |unmerged - base| after train_a_few_steps on tiny_model(num_hidden_layers=4): a
+# bound a bit above the measured (input-based, weight-based) errors. A random model is a worst case for
+# these merges (consecutive layers' inputs are far from scaled copies of each other), so the bounds here
+# catch only gross mistakes: a wrong sign (input 0.99-1.00, middle 0.73-0.76) and, for the input
+# shortcut, a zeroed shortcut term (0.511). They cannot catch a zeroed middle shortcut (0.414) or a
+# coefficient 0 for layers >= 1 (input 0.274), which land below the honest merge on this model;
+# test_reslora_approximate_merge_error_on_stories260K (a trained model) catches all of these.
+TINY_RESLORA_MERGE_BOUNDS = {"input": 0.36,   # measured 0.309, 0.315
+                             "middle": 0.60}  # measured 0.502, 0.516
+
+
+@pytest.mark.parametrize("res_type", ["input", "middle", "block"])
 def test_reslora_approximate_merge_error_on_a_real_forward(res_type):
-    """Not exact on a real model: report how far each estimate lands (the paper: ~1% task loss)."""
+    """The input/middle merges are approximate on a real forward: bound how much of the adaptation
+    they lose. The block merge is exact and stays so on the same model."""
     model = tiny_model(num_hidden_layers=4)
     base_logits = model(tokens(seed=99))
     add_lora(model, ALL_TARGETS, rank=4, alpha=8, variant="reslora", res_type=res_type, pre_num=1)
     train_a_few_steps(model)
-    idx = tokens(seed=99)
-    unmerged = model(idx)
-    adaptation = (unmerged - base_logits).norm().item()
-    for how in ("input", "weight"):
-        merged = merge_lora(copy.deepcopy(model), reslora_merge=how)(idx)
-        error = (merged - unmerged).norm().item()
-        assert math.isfinite(error) and max_diff(merged, base_logits) > 0
-        print(f"\nResLoRA {res_type} shortcut, {how}-based merge: |merged - unmerged| / |unmerged - base| "
-              f"= {error / adaptation:.3f} (logit rel. error {error / unmerged.norm().item():.2e})")
+    errors = reslora_merge_errors(model, base_logits, tokens(seed=99))
+    for how, (relative, largest) in errors.items():
+        if res_type == "block":  # exact up to float32 rounding (measured 2e-6 and 2.9e-6)
+            assert relative < 1e-5 and largest < 1e-5, how
+        else:
+            assert relative < TINY_RESLORA_MERGE_BOUNDS[res_type], how
 
 
 @pytest.mark.parametrize("res_type", ["input", "middle"])
@@ -480,41 +565,122 @@ def test_reslora_adapters_round_trip_through_our_peft_layout(tmp_path):
     assert max_diff(again(idx), model(idx)) == 0
 
 
+def test_peft_refuses_reslora_adapters_instead_of_loading_them_as_plain_lora(tmp_path):
+    """save_adapters writes ResLoRA adapters with peft_type "RESLORA": PEFT cannot compute the
+    shortcuts, so it must refuse them; under "LORA" it would load A and B as plain LoRA, silently."""
+    peft = pytest.importorskip("peft")
+    model = tiny_model()
+    save_checkpoint(model, tmp_path / "base")
+    add_lora(model, ("q_proj", "v_proj"), rank=4, alpha=8, variant="reslora", res_type="input")
+    randomize_adapters(model)
+    save_adapters(model, tmp_path / "adapters", base_model_name_or_path=str(tmp_path / "base"))
+    # PEFT (0.21) looks the type up in PEFT_TYPE_TO_CONFIG_MAPPING before reading anything else
+    with pytest.raises(KeyError, match="RESLORA"):
+        peft.PeftModel.from_pretrained(hf_llama(tmp_path / "base"), tmp_path / "adapters")
+
+    # The danger the type avoids: relabelled "LORA", the same files load (PEFT only warns that it
+    # ignores the "reslora" field) and compute plain LoRA, not the ResLoRA the adapters were trained as.
+    config_file = tmp_path / "adapters" / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"peft_type": "LORA"}))
+    idx = tokens()
+    with torch.no_grad(), pytest.warns(UserWarning, match="reslora"):
+        peft_logits = peft.PeftModel.from_pretrained(hf_llama(tmp_path / "base"),
+                                                     tmp_path / "adapters").eval()(idx).logits
+    plain = add_lora(load_checkpoint(tmp_path / "base"), ("q_proj", "v_proj"), rank=4, alpha=8)
+    load_lora_state_dict(plain, {k: v for k, v in lora_state_dict(model).items() if not k.endswith(".input_norms")})
+    assert max_diff(peft_logits, plain(idx)) < 1e-5
+    assert max_diff(peft_logits, model(idx)) > 1e-2
+
+
 # -----------------------------------------------------------------------------
 # LoRA after rotation (RoLoRA)
 
 
 def test_lora_after_rotation_merges_into_the_rotated_weights():
     rotate = pytest.importorskip("rotate", reason="rotate.py not written yet")
+    quant = pytest.importorskip("quant", reason="quant.py not written yet")
     model = tiny_model()
     rotate.rotate_model(model, seed=0)  # in place: R1 folded in, online Hadamard before down_proj
-    assert not isinstance(model.layers[0].mlp.down_input_transform, nn.Identity)
-    add_lora(model, ALL_TARGETS, rank=4, alpha=8)  # down_proj's adapter sees the rotated input
+    assert isinstance(model.layers[0].mlp.down_input_transform, rotate.OnlineHadamard)
+    rotated = copy.deepcopy(model)  # W_rot: LoRA freezes these weights, so they are the merge's base
+    add_lora(model, ALL_TARGETS, rank=4, alpha=8)
     train_a_few_steps(model)
     idx = tokens(seed=7)
+    # down_proj's adapter trains on the rotated input: the Hadamard transform of the MLP's hidden h
+    seen = record_inputs(model, idx, {"h": model.layers[0].mlp.down_input_transform,
+                                      "down_proj": model.layers[0].mlp.down_proj})
+    assert torch.equal(seen["down_proj"], rotate.walsh_hadamard_transform(seen["h"]))
     unmerged = model(idx)
+    adapters = {name: (m.scaling, m.lora_B.weight.detach(), m.lora_A.weight.detach())
+                for name, m in lora_modules(model).items()}
     merge_lora(model)
     assert not lora_modules(model)
     assert max_diff(model(idx), unmerged) < 1e-5
-    quant = pytest.importorskip("quant", reason="quant.py not written yet")
-    quantized = quant.quantize_model(copy.deepcopy(model), w_bits=4, a_bits=4, progress=False)(idx)
-    assert torch.isfinite(quantized).all() and max_diff(quantized, unmerged) > 1e-3
+
+    # The merged linears hold W_rot + s B A, computed here by hand from the adapters (float32, as merge does)
+    by_hand = copy.deepcopy(rotated)
+    with torch.no_grad():
+        for name, (s, B, A) in adapters.items():
+            by_hand.get_submodule(name).weight.copy_(rotated.get_submodule(name).weight + s * (B @ A))
+    assert all(torch.equal(model.get_submodule(name).weight, by_hand.get_submodule(name).weight)
+               for name in adapters)
+    # so W4A4 quantization of the merged model is that of W_rot + s B A: the same logits, bit for bit,
+    # and not those of the rotated model without the adapters (they survive the 4-bit grid)
+    def quantized(m):
+        return quant.quantize_model(copy.deepcopy(m), w_bits=4, a_bits=4, w_clip_search=False, progress=False)
+    merged_q, by_hand_q = quantized(model), quantized(by_hand)
+    assert torch.equal(merged_q(idx), by_hand_q(idx))
+    assert max_diff(merged_q(idx), quantized(rotated)(idx)) > 1e-2
+    # and the down_proj input quantizer sees the rotated input (the online Hadamard sits before it)
+    seen = record_inputs(merged_q, idx, {"h": merged_q.layers[0].mlp.down_input_transform,
+                                         "quantizer": merged_q.layers[0].mlp.down_proj.input_quantizer})
+    assert torch.equal(seen["quantizer"], rotate.walsh_hadamard_transform(seen["h"]))
+    assert max_diff(seen["quantizer"], seen["h"]) > 1e-2
+
+
+def record_inputs(model, idx, modules):
+    """{label: the first input of module} in one forward of model on idx."""
+    seen = {}
+
+    def recorder(label):
+        def hook(module, args):  # returns None: the input goes on unchanged
+            seen.setdefault(label, args[0])
+        return hook
+
+    handles = [module.register_forward_pre_hook(recorder(label)) for label, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(idx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+# The same ratio on stories260K (q_proj and v_proj, 5 steps, the seed below): on a trained model
+# consecutive layers' inputs are close to scaled copies and the merges lose a few percent. Bounds a bit
+# above the measurements catch a zeroed shortcut term (input 0.406, middle 0.365), a coefficient 0
+# (input 0.406) and a wrong sign (input 0.96-1.02, middle 0.72-0.81).
+STORIES_RESLORA_MERGE_BOUNDS = {("input", "input"): 0.04,    # measured 0.0307
+                                ("input", "weight"): 0.025,  # measured 0.0189
+                                ("middle", "input"): 0.045,  # measured 0.0355
+                                ("middle", "weight"): 0.11}  # measured 0.0881
 
 
 @pytest.mark.slow
 def test_reslora_approximate_merge_error_on_stories260K(stories_model):
-    """The input/middle merge error on a trained model (the tiny random model above is a worst case)."""
-    torch.manual_seed(0)
+    """The input/middle merge error on a trained model (the tiny random model above is a worst case),
+    and the block merge exact on the same model."""
+    torch.manual_seed(0)  # A's initialisation: the bounds above are measured for this seed
     idx = torch.randint(0, stories_model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    for res_type in ("input", "middle"):
+    base = stories_model(idx)
+    for res_type in ("input", "middle", "block"):
         model = add_lora(copy.deepcopy(stories_model), ("q_proj", "v_proj"), rank=4, alpha=8,
                          variant="reslora", res_type=res_type)
         train_a_few_steps(model, steps=5, lr=1e-2)
-        base = stories_model(idx)
-        unmerged = model(idx)
-        for how in ("input", "weight"):
-            merged = merge_lora(copy.deepcopy(model), reslora_merge=how)(idx)
-            error = (merged - unmerged).norm().item()
-            assert math.isfinite(error)
-            print(f"\nstories260K ResLoRA {res_type}, {how}-based merge: |merged - unmerged| / "
-                  f"|unmerged - base| = {error / (unmerged - base).norm().item():.3f}")
+        errors = reslora_merge_errors(model, base, idx)
+        for how, (relative, largest) in errors.items():
+            if res_type == "block":  # exact up to float32 rounding: measured 1.3e-7 (max 7.6e-6 on logits up to 17)
+                assert relative < 1e-5, how
+            else:
+                assert relative < STORIES_RESLORA_MERGE_BOUNDS[res_type, how], how
