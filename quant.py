@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -192,17 +193,36 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None 
     return out.reshape(weight.shape).to(weight.dtype)
 
 
+class WeightOnGrid(NamedTuple):
+    """A quantized weight and its integer grid, one (scale, zero) per output channel and
+    group of `in / n_groups` consecutive input columns (n_groups = 1: per channel):
+        dequantized[o, c] = scale[o, g] * (k - zero[o, g]),  g = c // (in / n_groups),
+    with k an integer in integer_range(bits, symmetric) and zero an integer (0 if symmetric).
+    """
+    dequantized: torch.Tensor  # (out, in)
+    scale: torch.Tensor        # (out, n_groups), > 0
+    zero: torch.Tensor         # (out, n_groups), integer-valued floats
+
+
 @torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
                          group_size: int | None = None, symmetric: bool = True,
                          clip_search: bool = True, block_size: int = 128,
-                         damp_ratio: float = 0.01, act_order: bool = False) -> torch.Tensor:
+                         damp_ratio: float = 0.01, act_order: bool = False,
+                         return_grid: bool = False) -> torch.Tensor | WeightOnGrid:
     """GPTQ (Frantar et al. 2022, Algorithm 1) for one linear; returns the dequantized weight.
 
     weight: (out, in); hessian: (in, in) = 2/n sum_tokens x x^T of this linear's inputs.
     Columns are quantized left to right; each column's rounding error is spread over
     the columns not yet quantized, weighted by the inverse Hessian, so that the layer's
     output on the calibration inputs (not the weight itself) stays close.
+
+    act_order: quantize the columns in order of decreasing diag(H) instead; with groups
+    their grids are then "static", chosen up front from the weight's original groups.
+    return_grid: return a WeightOnGrid (dequantized, scale, zero) with the grid every
+    value was rounded onto. Needed because a group's grid is chosen during the algorithm,
+    from its columns after the earlier errors were spread onto them: it cannot be
+    recomputed from the weight afterwards.
     """
     check_bits(bits, "w_bits")
     qmin, qmax = integer_range(bits, symmetric)
@@ -218,11 +238,15 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
     dead = H.diagonal() == 0  # inputs that were always zero: their weights do not matter
     H[dead, dead] = 1
     W[:, dead] = 0
+    # grids[g] = (scale, zero), each (out, 1): the grid of the g-th group of original columns
+    n_groups = 1 if group_size is None else n_cols // group_size
+    grids = [None] * n_groups
     if group_size is None:  # one grid per output channel, from the whole row
         scale, zero = weight_scale_zero(W, bits, None, symmetric, clip_search)
+        grids[0] = (scale, zero)
     elif act_order:  # static groups: fixed up front in the original column order
-        group_grids = [weight_scale_zero(W[:, c:c + group_size], bits, None, symmetric, clip_search)
-                       for c in range(0, n_cols, group_size)]
+        grids = [weight_scale_zero(W[:, c:c + group_size], bits, None, symmetric, clip_search)
+                 for c in range(0, n_cols, group_size)]
     if act_order:  # quantize the columns with the largest inputs first
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -244,10 +268,11 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
             col = b1 + i
             if group_size is not None:
                 if act_order:
-                    scale, zero = group_grids[int(perm[col]) // group_size]
-                elif col % group_size == 0:
+                    scale, zero = grids[int(perm[col]) // group_size]
+                elif col % group_size == 0:  # a new group: its grid from its columns as updated so far
                     scale, zero = weight_scale_zero(W_block[:, i:i + group_size], bits, None,
                                                     symmetric, clip_search)
+                    grids[col // group_size] = (scale, zero)
             w = W_block[:, i:i + 1]  # (out, 1)
             q = round_to_grid(w, scale, None if symmetric else zero, qmin, qmax)
             Q[:, col:col + 1] = q
@@ -257,7 +282,11 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         W[:, b2:] -= err_block @ H_inv[b1:b2, b2:]  # lazy batch update of the later columns
     if act_order:
         Q = Q[:, torch.argsort(perm)]
-    return Q.to(weight.dtype)
+    if not return_grid:
+        return Q.to(weight.dtype)
+    scales = torch.cat([group_scale for group_scale, _ in grids], dim=1)  # (out, n_groups)
+    zeros = torch.cat([group_zero for _, group_zero in grids], dim=1)     # (out, n_groups)
+    return WeightOnGrid(Q.to(weight.dtype), scales, zeros)
 
 
 class HessianAccumulator:

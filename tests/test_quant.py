@@ -34,6 +34,34 @@ def grid_integers(dequantized, scale, zero, granularity, group_size):
     return group_rows(dequantized, granularity, group_size) / scale + zero
 
 
+def assert_on_integer_grid(dequantized, scale, zero, bits, symmetric):
+    """Every value is scale * (k - zero) of its row and group: k an integer in integer_range(bits),
+    zero an integer (0 when symmetric).
+
+    dequantized: (rows, width); scale, zero: (rows, n_groups), group g = columns
+    [g * width / n_groups, (g + 1) * width / n_groups) (n_groups = 1: one grid per row)."""
+    n_rows, width = dequantized.shape
+    n_groups = scale.shape[1]
+    assert scale.shape == zero.shape == (n_rows, n_groups) and width % n_groups == 0
+    assert (scale > 0).all()
+    qmin, qmax = integer_range(bits, symmetric)
+    assert torch.equal(zero, zero.round()), "the zero point must be an integer"
+    if symmetric:
+        assert (zero == 0).all()
+    else:  # stored as one more unsigned `bits`-bit integer
+        assert zero.min() >= qmin and zero.max() <= qmax
+    per_column = lambda t: t.repeat_interleave(width // n_groups, dim=1)  # (rows, n_groups) -> (rows, width)
+    k = dequantized / per_column(scale) + per_column(zero)
+    assert (k - k.round()).abs().max() < 1e-3, "a value lies between two grid points"
+    assert k.round().min() >= qmin and k.round().max() <= qmax, "a value lies outside the integer range"
+
+
+def rtn_grid(weight, bits, group_size=None, symmetric=True, clip_search=True):
+    """The grid quantize_weight_rtn rounds `weight` (out, in) onto, as (scale, zero) of shape (out, n_groups)."""
+    scale, zero = weight_scale_zero(weight, bits, group_size, symmetric, clip_search)  # (out * n_groups, 1) each
+    return scale.view(weight.shape[0], -1), zero.view(weight.shape[0], -1)
+
+
 # ---------------------------------------------------------------- the integer grid
 
 @pytest.mark.parametrize("granularity,group_size", GRANULARITIES)
@@ -172,6 +200,25 @@ def test_mse_clip_search_never_loses_and_clips_outlier_rows(symmetric):
     assert (searched[0] <= plain[0] * (1 + 1e-6)).all()                    # it only ever shrinks
 
 
+@pytest.mark.parametrize("clip_search", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_weights_lie_on_their_integer_grid_at_the_nearest_point(symmetric, group_size, clip_search):
+    w = heavy_tailed(24, 64, seed=12) + (0.0 if symmetric else 0.5)  # asymmetric: a shifted range
+    wq = quantize_weight_rtn(w, 3, group_size, symmetric, clip_search)
+    scale, zero = rtn_grid(w, 3, group_size, symmetric, clip_search)  # (24, n_groups) each
+    assert_on_integer_grid(wq, scale, zero, 3, symmetric)
+    # round to nearest: inside the (maybe clipped) range at most half a step away, outside clamped
+    qmin, qmax = integer_range(3, symmetric)
+    per_column = lambda t: t.repeat_interleave(64 // scale.shape[1], dim=1)  # (24, n_groups) -> (24, 64)
+    low, high = per_column((qmin - zero) * scale), per_column((qmax - zero) * scale)
+    inside = (w >= low) & (w <= high)
+    assert ((wq - w).abs()[inside] <= per_column(scale / 2)[inside] * (1 + 1e-5)).all()
+    assert torch.allclose(wq[~inside], torch.maximum(torch.minimum(w, high), low)[~inside], atol=1e-5)
+    if clip_search:  # the heavy tails make clipping pay: some values are clamped
+        assert (~inside).any()
+
+
 def test_per_group_weight_quantization_uses_one_grid_per_group():
     w = heavy_tailed(8, 64, seed=5)
     wq = quantize_weight_rtn(w, 3, group_size=16, clip_search=False)
@@ -190,14 +237,20 @@ def test_hessian_accumulator_is_2_over_n_sum_xxT_across_batches():
     assert torch.allclose(acc.hessian(), 2 * flat.T @ flat / 30, atol=1e-12)
 
 
-def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
-    """No correlation between inputs: nothing to compensate, so GPTQ must reduce to RTN."""
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest(clip_search):
+    """No correlation between inputs: nothing to compensate, so GPTQ must reduce to RTN,
+    grids included (returned per (row, group) in the original column order)."""
     w = heavy_tailed(16, 256, seed=6)
-    hessian = torch.diag(torch.rand(256) + 0.5)
-    for kwargs in (dict(), dict(symmetric=False), dict(group_size=32), dict(act_order=True)):
-        gptq = gptq_quantize_weight(w, hessian, 4, clip_search=False, **kwargs)
-        rtn = quantize_weight_rtn(w, 4, kwargs.get("group_size"), kwargs.get("symmetric", True), clip_search=False)
+    hessian = torch.diag(torch.rand(256, generator=torch.Generator().manual_seed(6)) + 0.5)
+    for kwargs in (dict(), dict(symmetric=False), dict(group_size=32), dict(act_order=True),
+                   dict(group_size=32, act_order=True, symmetric=False)):
+        group_size, symmetric = kwargs.get("group_size"), kwargs.get("symmetric", True)
+        gptq, scale, zero = gptq_quantize_weight(w, hessian, 4, clip_search=clip_search, return_grid=True, **kwargs)
+        rtn = quantize_weight_rtn(w, 4, group_size, symmetric, clip_search=clip_search)
         assert torch.allclose(gptq, rtn, atol=1e-6), kwargs
+        rtn_scale, rtn_zero = rtn_grid(w, 4, group_size, symmetric, clip_search)
+        assert torch.allclose(scale, rtn_scale) and torch.equal(zero, rtn_zero), kwargs
 
 
 def correlated_inputs(n_tokens, n_features, seed):
@@ -206,24 +259,111 @@ def correlated_inputs(n_tokens, n_features, seed):
     return torch.randn(n_tokens, n_features, generator=g) @ (mixing + torch.eye(n_features))
 
 
+@pytest.mark.parametrize("clip_search", [False, True])  # True: the default, as train.py and eval.py use it
 @pytest.mark.parametrize("options", [dict(), dict(symmetric=False), dict(group_size=32),
-                                     dict(act_order=True), dict(group_size=32, act_order=True),
+                                     dict(symmetric=False, group_size=32), dict(act_order=True),
+                                     dict(group_size=32, act_order=True),
+                                     dict(symmetric=False, group_size=32, act_order=True),
                                      dict(block_size=48, group_size=32)])
-def test_gptq_lowers_the_layer_output_error_and_stays_on_the_grid(options):
-    x = correlated_inputs(2048, 192, seed=7)
-    w = torch.randn(96, 192, generator=torch.Generator().manual_seed(8))
+def test_gptq_lowers_the_layer_output_error_and_stays_on_the_grid(options, clip_search):
+    x = correlated_inputs(2048, 192, seed=7)  # (tokens, in)
+    w = torch.randn(96, 192, generator=torch.Generator().manual_seed(8))  # (out, in)
     acc = HessianAccumulator(192)
     acc.add(x)
-    gptq = gptq_quantize_weight(w, acc.hessian(), 3, clip_search=False, **options)
-    rtn = quantize_weight_rtn(w, 3, options.get("group_size"), options.get("symmetric", True), clip_search=False)
+    group_size, symmetric = options.get("group_size"), options.get("symmetric", True)
+    gptq, scale, zero = gptq_quantize_weight(w, acc.hessian(), 3, clip_search=clip_search, return_grid=True, **options)
+    assert torch.equal(gptq, gptq_quantize_weight(w, acc.hessian(), 3, clip_search=clip_search, **options))
+    # both with the same grid search: GPTQ's gain is the error compensation, not a better grid
+    rtn = quantize_weight_rtn(w, 3, group_size, symmetric, clip_search=clip_search)
     out_error = lambda wq: ((x @ (wq - w).T) ** 2).sum()
-    assert out_error(gptq) < 0.75 * out_error(rtn)  # measured: 0.54 to 0.61
+    # measured GPTQ/RTN: 0.54 to 0.61 without the clip search, 0.59 to 0.65 with it
+    assert out_error(gptq) < 0.75 * out_error(rtn)
     # the lazy block updates are exact: the block size does not change the result
-    other_blocks = gptq_quantize_weight(w, acc.hessian(), 3, clip_search=False, **(options | dict(block_size=64)))
+    other_blocks = gptq_quantize_weight(w, acc.hessian(), 3, clip_search=clip_search, **(options | dict(block_size=64)))
     assert torch.allclose(gptq, other_blocks, atol=1e-4)
-    # each (row, group) holds at most 2^bits distinct values: one grid per group
-    for row_group in group_rows(gptq, "group", options.get("group_size", 192)):
-        assert row_group.unique().numel() <= 8
+    # every value on the integer grid GPTQ reports for its (row, group)
+    assert scale.shape == zero.shape == (96, 1 if group_size is None else 192 // group_size)
+    assert_on_integer_grid(gptq, scale, zero, 3, symmetric)
+    if group_size is None or options.get("act_order"):
+        # per channel, and act_order's static groups: grids chosen up front from the weight itself
+        rtn_scale, rtn_zero = rtn_grid(w, 3, group_size, symmetric, clip_search)
+        assert torch.equal(scale, rtn_scale) and torch.equal(zero, rtn_zero)
+
+
+def textbook_gptq(weight, hessian, order, grid_of, bits, symmetric, damp_ratio=0.01):
+    """GPTQ without its speed-ups, straight from the OBS update it is built on (Frantar et al.
+    2022, eq. 2-3): quantize one column at a time in `order`; after each, give the columns not
+    yet quantized, F, the update -(w_q - q) / [H_F^-1]_qq * [H_F^-1]_q,: that minimises the
+    layer output error, re-inverting H restricted to F every step (no Cholesky, no blocks).
+    grid_of(col, W) -> (scale, zero), each (out,): the grid of column `col`, given W as updated so far.
+    Float64 throughout; the dampening is quant.py's (a fraction of the mean diagonal)."""
+    qmin, qmax = integer_range(bits, symmetric)
+    W, H = weight.double().clone(), hessian.double().clone()  # (out, in), (in, in)
+    H += damp_ratio * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    Q = torch.zeros_like(W)
+    remaining = list(order)  # F, in quantization order: remaining[0] is the next column
+    for col in order:
+        H_inv = torch.linalg.inv(H[remaining][:, remaining])  # (|F|, |F|); row 0 is col's
+        scale, zero = (t.double() for t in grid_of(col, W))
+        Q[:, col] = scale * (torch.clamp(torch.round(W[:, col] / scale) + zero, qmin, qmax) - zero)
+        W[:, remaining] -= ((W[:, col] - Q[:, col]) / H_inv[0, 0])[:, None] * H_inv[0][None, :]
+        remaining = remaining[1:]
+    return Q
+
+
+def outlier_channel_inputs(n_tokens, n_features, seed):
+    """Correlated inputs whose channels differ in scale (1x to 10x, shuffled), as real
+    activations do: diag(H) is far from sorted, so the order of the columns matters."""
+    g = torch.Generator().manual_seed(seed)
+    channel_scales = torch.logspace(0, 1, n_features)[torch.randperm(n_features, generator=g)]
+    return correlated_inputs(n_tokens, n_features, seed) * channel_scales
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group_size,act_order", [(None, False), (None, True), (16, False), (16, True)])
+def test_gptq_equals_the_column_by_column_obs_reference(group_size, act_order, symmetric):
+    """The Cholesky form, the lazy block updates, the column order and the choice of each
+    group's grid all reproduce the textbook algorithm (block_size=32 < 64 columns: two blocks)."""
+    x = outlier_channel_inputs(1024, 64, seed=10)  # (tokens, in)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(11))  # (out, in)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    H = acc.hessian()
+    order = torch.argsort(H.diagonal(), descending=True).tolist() if act_order else list(range(64))
+    if group_size is None:  # one grid per row, chosen from the whole row before any update
+        scale, zero = weight_scale_zero(w, 3, None, symmetric)  # (24, 1) each
+        grid_of = lambda col, W: (scale[:, 0], zero[:, 0])
+    elif act_order:  # static groups: each column keeps the grid of its original group of w
+        scale, zero = rtn_grid(w, 3, group_size, symmetric)  # (24, 4) each
+        grid_of = lambda col, W: (scale[:, col // group_size], zero[:, col // group_size])
+    else:  # a group's grid is chosen when its first column comes, from the group as updated so far
+        grids = {}
+
+        def grid_of(col, W):
+            if col % group_size == 0:
+                group_scale, group_zero = weight_scale_zero(W[:, col:col + group_size].float(), 3, None, symmetric)
+                grids[col // group_size] = group_scale[:, 0], group_zero[:, 0]
+            return grids[col // group_size]
+    expected = textbook_gptq(w, H, order, grid_of, 3, symmetric)
+    got = gptq_quantize_weight(w, H, 3, group_size, symmetric, act_order=act_order, block_size=32)
+    assert torch.allclose(got.double(), expected, atol=1e-5)  # measured: 1e-6 at most
+
+
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_act_order_is_gptq_on_columns_sorted_by_decreasing_hessian_diagonal(clip_search):
+    x = outlier_channel_inputs(1024, 64, seed=10)  # (tokens, in)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(11))  # (out, in)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    H = acc.hessian()
+    perm = torch.argsort(H.diagonal(), descending=True)
+    # permute w's columns and H's rows and columns, run plain GPTQ, put the columns back
+    expected = gptq_quantize_weight(w[:, perm], H[perm][:, perm], 3, clip_search=clip_search)[:, torch.argsort(perm)]
+    act_order = gptq_quantize_weight(w, H, 3, clip_search=clip_search, act_order=True)
+    assert torch.allclose(act_order, expected, atol=1e-6)
+    # and the order matters: left to right gives another weight (measured: 40 to 45% of the values differ)
+    in_input_order = gptq_quantize_weight(w, H, 3, clip_search=clip_search)
+    assert (act_order != in_input_order).float().mean() > 0.2
 
 
 def test_gptq_dead_inputs_get_zero_weights():
@@ -249,12 +389,42 @@ def test_quant_linear_is_the_linear_of_the_quantized_input_and_weight():
     assert torch.equal(ql.weight, stored)  # the weight is quantized once, not at every forward
 
 
+@torch.no_grad()
+def sgd_step(module, lr=0.1):
+    """What torch.optim.SGD(module.parameters(), lr).step() does, without its ~2 s of imports on
+    first use: every parameter that requires grad and has one moves against it."""
+    for p in module.parameters():
+        if p.requires_grad and p.grad is not None:
+            p -= lr * p.grad
+
+
 def test_quant_linear_weight_qat_mode_trains_the_float_weight():
     linear = nn.Linear(32, 12, bias=False)
     ql = QuantLinear.from_linear(linear, w_bits=4, quantize_weight_every_forward=True, w_clip_search=False)
-    ql(torch.randn(4, 32)).sum().backward()
-    assert ql.weight.grad is not None and ql.weight.grad.abs().sum() > 0
-    assert torch.equal(ql.weight, linear.weight)  # float weight kept; quantized in forward
+    assert torch.equal(ql.weight, linear.weight) and ql.weight is not linear.weight  # the float weight, copied
+    x, upstream = torch.randn(4, 32), torch.randn(4, 12)
+    out = ql(x)  # (4, 12)
+    assert torch.allclose(out, F.linear(x, quantize_weight_rtn(linear.weight, 4, clip_search=False)), atol=1e-6)
+    (out * upstream).sum().backward()
+    # straight-through: with clip ratio 1 nothing is clamped, so the float linear's gradient
+    assert torch.allclose(ql.weight.grad, upstream.T @ x, atol=1e-5)
+    before = ql.weight.detach().clone()
+    sgd_step(ql)
+    assert not torch.allclose(ql.weight, before)
+    with torch.no_grad():  # the next forward quantizes the new float weight
+        after = ql(x)
+        assert torch.allclose(after, F.linear(x, quantize_weight_rtn(ql.weight, 4, clip_search=False)), atol=1e-6)
+        assert not torch.allclose(after, out)
+
+    # without quantize_weight_every_forward the stored quantized weight is frozen: nothing to train
+    frozen = QuantLinear.from_linear(linear, w_bits=4, w_clip_search=False)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x.requires_grad_()  # so that backward runs at all
+    (frozen(x) * upstream).sum().backward()
+    assert frozen.weight.grad is None
+    stored = frozen.weight.detach().clone()
+    sgd_step(frozen)
+    assert torch.equal(frozen.weight, stored)
 
 
 LINEAR_PATHS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -269,14 +439,15 @@ def module_at(block, path):
 
 def test_quantize_model_swaps_the_block_linears_only():
     model = tiny_model(tie_word_embeddings=True)
+    float_model = copy.deepcopy(model)
     embed, head = model.embed_tokens.weight, model.lm_head
     quantize_model(model, w_bits=4, a_bits=4, kv_bits=4, w_clip_search=False)
-    for block in model.layers:
+    for block, float_block in zip(model.layers, float_model.layers):
         for path in LINEAR_PATHS:
             module = module_at(block, path)
             assert isinstance(module, QuantLinear) and module.input_quantizer.bits == 4
-            row_values = [row.unique().numel() for row in module.weight]
-            assert max(row_values) <= 16
+            float_weight = module_at(float_block, path).weight.detach()
+            assert_on_integer_grid(module.weight, *rtn_grid(float_weight, 4, clip_search=False), 4, symmetric=True)
         assert isinstance(block.self_attn.key_transform, ActQuantizer)
         assert not block.self_attn.value_transform.symmetric
     assert model.lm_head is head and model.embed_tokens.weight is embed and model.lm_head.weight is embed
@@ -284,6 +455,24 @@ def test_quantize_model_swaps_the_block_linears_only():
     quantize_model(model, a_bits=6, quantize_lm_head_input=True)
     assert isinstance(model.lm_head, QuantLinear) and model.lm_head.input_quantizer.bits == 6
     assert model.lm_head.weight is embed
+
+
+@pytest.mark.parametrize("options", [dict(w_bits=4), dict(w_bits=4, w_symmetric=False, w_group_size=16),
+                                     dict(w_bits=3, w_clip_search=False)])
+def test_quantize_model_rtn_weights_are_their_float_weights_on_the_integer_grid(options):
+    """Each QuantLinear holds RTN of the float weight it replaced, with the config's grid
+    (bits, groups, symmetry, clip search: the default searches)."""
+    float_model = tiny_model(seed=1)
+    model = quantize_model(copy.deepcopy(float_model), **options)
+    bits, group_size = options["w_bits"], options.get("w_group_size")
+    symmetric, clip_search = options.get("w_symmetric", True), options.get("w_clip_search", True)
+    for block, float_block in zip(model.layers, float_model.layers):
+        for path in LINEAR_PATHS:
+            weight, float_weight = module_at(block, path).weight, module_at(float_block, path).weight.detach()
+            assert isinstance(module_at(block, path), QuantLinear)
+            assert_on_integer_grid(weight, *rtn_grid(float_weight, bits, group_size, symmetric, clip_search),
+                                   bits, symmetric)
+            assert torch.equal(weight, quantize_weight_rtn(float_weight, bits, group_size, symmetric, clip_search))
 
 
 def test_sixteen_bits_means_no_quantizer_at_all():
@@ -310,8 +499,10 @@ def test_a_weight_quantized_model_saves_and_reloads_as_a_plain_checkpoint(tmp_pa
 def test_quantized_kv_cache_generation_equals_full_recomputation():
     """Per-token quantizers make each token's K/V independent of the others, so the
     cache must give exactly what recomputing the whole sequence gives."""
+    from model import KVCache
     model = tiny_model()
     model.layers[1].self_attn.key_transform = nn.Tanh()  # a transform another stage put there stays first
+    kv16 = quantize_model(copy.deepcopy(model), w_bits=4, a_bits=4, w_clip_search=False)
     quantize_model(model, w_bits=4, a_bits=4, kv_bits=4, w_clip_search=False)
     assert isinstance(model.layers[1].self_attn.key_transform[0], nn.Tanh)
     assert isinstance(model.layers[1].self_attn.key_transform[1], ActQuantizer)
@@ -320,6 +511,32 @@ def test_quantized_kv_cache_generation_equals_full_recomputation():
         generated = model.generate(idx, 10)
         full = model(generated[:, :-1]).argmax(-1)[:, idx.shape[1] - 1:]
     assert torch.equal(generated[:, idx.shape[1]:], full)
+
+    # The quantizer acts: what reaches the cache lies on a 4-bit asymmetric grid of its own
+    # per (head, token) row, computed from that row as it entered the quantizer.
+    entering = {}  # (layer, "keys" / "values") -> the quantizer's inputs, (B, n_kv, T, hs) per call
+    handles = []
+    for i, block in enumerate(model.layers):
+        for name, transform in (("keys", block.self_attn.key_transform), ("values", block.self_attn.value_transform)):
+            quantizer = transform[-1] if isinstance(transform, nn.Sequential) else transform  # after the Tanh
+            handles.append(quantizer.register_forward_pre_hook(
+                lambda module, args, key=(i, name): entering.setdefault(key, []).append(args[0])))
+    cache = KVCache(len(model.layers))
+    with torch.no_grad():
+        model(generated[:, :6], cache)    # the prompt
+        model(generated[:, 6:7], cache)   # one decoding step
+    for handle in handles:
+        handle.remove()
+    head_dim = model.layers[0].self_attn.head_dim
+    for i in range(len(model.layers)):
+        for name, cached in (("keys", cache.keys[i]), ("values", cache.values[i])):
+            rows = torch.cat(entering[(i, name)], dim=2).reshape(-1, head_dim)  # (B * n_kv * T, hs)
+            assert cached.shape[2] == 7
+            scale, zero = compute_scale_zero(rows, 4, symmetric=False)  # (rows, 1) each
+            assert_on_integer_grid(cached.reshape(-1, head_dim), scale, zero, 4, symmetric=False)
+    # and it changes what the model computes (same weights and activation quantizers otherwise)
+    with torch.no_grad():
+        assert not torch.allclose(model(generated), kv16(generated), atol=1e-4)
 
 
 def test_down_proj_quantizer_sees_the_transformed_input():
@@ -341,28 +558,41 @@ def test_down_proj_quantizer_sees_the_transformed_input():
 
 
 def test_quantize_model_accepts_a_merged_wrapper_and_refuses_unmerged_adapters():
-    class Adapter(nn.Module):  # stands in for lora.py's LoRALinear: base + extra parameters
-        def __init__(self, base, merged):
-            super().__init__()
-            self.base, self.merged = base, merged
-            self.lora_A = nn.Parameter(torch.zeros(2, base.in_features))
-            self.in_features, self.out_features = base.in_features, base.out_features
+    """RoLoRA's pairing: merge the LoRA adapters (lora.py), then quantize W + s B A. A wrapper
+    merged in place (still there, .merged=True) is quantized through its effective weight."""
+    from lora import LoRALinear, add_lora, lora_modules, merge_lora
+    model = add_lora(tiny_model(), targets=("q_proj", "down_proj"), rank=4, alpha=8)
+    with torch.no_grad():
+        for wrapper in lora_modules(model).values():
+            wrapper.lora_B.weight.normal_(0.0, 0.1)  # as after training (B = 0 would merge to W itself)
+    base_weights = {name: m.weight.detach().clone() for name, m in lora_modules(model).items()}  # (out, in)
+    merged_weights = {name: base_weights[name] + m.scaling * (m.lora_B.weight @ m.lora_A.weight).detach()
+                      for name, m in lora_modules(model).items()}  # W + s B A
+    merged_elsewhere = merge_lora(copy.deepcopy(model))  # a plain model holding W + s B A, for GPTQ below
+    for wrapper in lora_modules(model).values():
+        wrapper.merge()
+    assert isinstance(model.layers[1].mlp.down_proj, LoRALinear)  # still wrapped
+    for_gptq = copy.deepcopy(model)
 
-        @property
-        def weight(self):
-            return self.base.weight
+    quantize_model(model, w_bits=4)
+    assert len(merged_weights) == 4 and not lora_modules(model)
+    for name, merged in merged_weights.items():
+        quantized = model.get_submodule(name)
+        assert isinstance(quantized, QuantLinear)
+        assert torch.equal(quantized.weight, quantize_weight_rtn(merged, 4)), name
+        assert not torch.equal(quantized.weight, quantize_weight_rtn(base_weights[name], 4)), name
+    # GPTQ reads the merged weight too: the same as on the model with the wrappers removed
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    gptq = dict(w_bits=4, w_method="gptq", w_clip_search=False, calibration=windows, progress=False)  # no search: faster
+    quantize_model(for_gptq, **gptq)
+    quantize_model(merged_elsewhere, **gptq)
+    for name in merged_weights:
+        assert torch.allclose(for_gptq.get_submodule(name).weight, merged_elsewhere.get_submodule(name).weight,
+                              atol=1e-6), name
 
-        def forward(self, x):
-            return self.base(x)
-
-    model = tiny_model()
-    q = model.layers[0].self_attn.q_proj
-    model.layers[0].self_attn.q_proj = Adapter(q, merged=True)
-    quantize_model(model, w_bits=4, w_clip_search=False)
-    assert torch.equal(model.layers[0].self_attn.q_proj.weight, quantize_weight_rtn(q.weight, 4, clip_search=False))
-    model = tiny_model()
-    model.layers[1].mlp.up_proj = Adapter(model.layers[1].mlp.up_proj, merged=False)
-    with pytest.raises(TypeError, match="layers.1.mlp.up_proj"):
+    # unmerged adapters would be silently dropped: refused, naming the module
+    model = add_lora(tiny_model(), targets=("layers.1.mlp.up_proj",), rank=4, alpha=8)
+    with pytest.raises(TypeError, match=r"layers\.1\.mlp\.up_proj"):
         quantize_model(model, w_bits=4)
 
 
@@ -501,38 +731,49 @@ def linear_inputs(model, windows, layer_indices):
     return {key: torch.cat(xs) for key, xs in inputs.items()}
 
 
-def assert_gptq_beats_rtn_layer_by_layer(model, windows, layer_indices, bits=4):
+def assert_gptq_beats_rtn_layer_by_layer(model, windows, layer_indices, clip_search, bits=4):
+    """Layer output error ||X (Wq - W)^T||^2 on the calibration inputs X themselves, GPTQ and
+    RTN with the same grid search. Measured GPTQ/RTN at 4 bits (without / with the clip search):
+    stories260K 0.50-0.72 / 0.55-0.74 over all 35 linears; SmolLM2 layers 0 and 29 0.015-0.14 /
+    0.05-0.39 (4 x 128 = 512 tokens < 576 features: H is singular there and GPTQ can hide most
+    of its error in the directions these inputs do not span)."""
     for (i, path), x in linear_inputs(model, windows, layer_indices).items():
         weight = module_at(model.layers[i], path).weight.detach()
         hessian = HessianAccumulator(x.shape[1])
         hessian.add(x)
         errors = {}
-        for method, wq in (("gptq", gptq_quantize_weight(weight, hessian.hessian(), bits, clip_search=False)),
-                           ("rtn", quantize_weight_rtn(weight, bits, clip_search=False))):
+        for method, wq in (("gptq", gptq_quantize_weight(weight, hessian.hessian(), bits, clip_search=clip_search)),
+                           ("rtn", quantize_weight_rtn(weight, bits, clip_search=clip_search))):
             errors[method] = ((x @ (wq - weight).T) ** 2).sum().item()
-        assert errors["gptq"] < errors["rtn"], (i, path, errors)
+        assert errors["gptq"] < 0.85 * errors["rtn"], (i, path, errors)
 
 
 @pytest.mark.slow
-def test_gptq_beats_rtn_on_real_activations_stories260k(stories_model, stories_dir):
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_beats_rtn_on_real_activations_stories260k(stories_model, stories_dir, clip_search):
     windows = text_windows(stories_dir, "data/tinystories/tinystories_sample.txt", 8, 128)
-    assert_gptq_beats_rtn_layer_by_layer(stories_model, windows, range(len(stories_model.layers)))
+    assert_gptq_beats_rtn_layer_by_layer(stories_model, windows, range(len(stories_model.layers)), clip_search)
 
 
 @pytest.mark.slow
-def test_gptq_beats_rtn_on_real_activations_smollm(smollm_model, smollm_dir):
+@pytest.mark.parametrize("clip_search", [False, True])
+def test_gptq_beats_rtn_on_real_activations_smollm(smollm_model, smollm_dir, clip_search):
     windows = text_windows(smollm_dir, "data/alpaca/alpaca_cleaned_2000.json", 4, 128)
-    assert_gptq_beats_rtn_layer_by_layer(smollm_model, windows, [0, 29])
+    assert_gptq_beats_rtn_layer_by_layer(smollm_model, windows, [0, 29], clip_search)
 
 
 @pytest.mark.slow
-def test_gptq_model_beats_rtn_on_held_out_text_stories260k(stories_model, stories_dir):
-    """End to end: calibrated on one part of TinyStories, measured on another."""
+@pytest.mark.parametrize("clip_search", [False, True])  # True: the default, as train.py and eval.py use it
+def test_gptq_model_beats_rtn_on_held_out_text_stories260k(stories_model, stories_dir, clip_search):
+    """End to end: calibrated on one part of TinyStories, measured on another.
+    Measured perplexity, fp 4.197: without the clip search RTN 4.735, GPTQ 4.686;
+    with it RTN 4.748, GPTQ 4.587."""
     windows = text_windows(stories_dir, "data/tinystories/tinystories_sample.txt", 24, 128)
     calibration, held_out = windows[:16], windows[16:]
-    options = dict(w_bits=4, w_clip_search=False)
+    options = dict(w_bits=4, w_clip_search=clip_search)
     gptq = quantize_model(copy.deepcopy(stories_model), w_method="gptq", calibration=calibration, progress=False, **options)
     rtn = quantize_model(copy.deepcopy(stories_model), **options)
     fp, gptq_ppl, rtn_ppl = (perplexity(m, held_out) for m in (stories_model, gptq, rtn))
-    print(f"stories260K W4 held-out perplexity: fp {fp:.3f}, RTN {rtn_ppl:.3f}, GPTQ {gptq_ppl:.3f}")
+    print(f"stories260K W4 held-out perplexity (clip search {clip_search}): "
+          f"fp {fp:.3f}, RTN {rtn_ppl:.3f}, GPTQ {gptq_ppl:.3f}")
     assert fp < gptq_ppl < rtn_ppl
