@@ -31,11 +31,10 @@ Run:
     python eval.py --model data/models/smollm2-135m-instruct --ppl --json out/eval.json
     python eval.py --model DIR --rotate --bits 4 --quant gptq
 """
-import argparse
-import importlib.util
+import dataclasses
+import importlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import KVCache, Tokenizer, load_checkpoint, resolve_model_dir
+import quant
+import rotate
+from data.alpaca import prepare as alpaca
+from data.models import resolve_model_dir
+from data.wikitext2.prepare import load_test_text
+from model import KVCache, Tokenizer, check_options, load_checkpoint, option, option_group, parse_config
+from quant import QuantConfig
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -73,15 +78,6 @@ def reported_metric(task: str) -> str:
     return "acc_norm" if "acc_norm" in TASKS[task][1] else "acc"
 
 
-def _load_prepare_script(folder: str):
-    """data/<folder>/prepare.py as a module (data/ is a folder of scripts, not a package)."""
-    path = DATA_DIR / folder / "prepare.py"
-    spec = importlib.util.spec_from_file_location(f"prepare_{folder}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_task(name: str, data_dir: Path | None = None) -> list[dict]:
     """The prepared records of one task, preparing them from the mirror on first use."""
     if name not in TASKS:
@@ -90,7 +86,7 @@ def load_task(name: str, data_dir: Path | None = None) -> list[dict]:
     out_dir = Path(data_dir or DATA_DIR) / folder
     path = out_dir / f"{name}.jsonl"
     if not path.is_file():
-        prepare = _load_prepare_script(folder).prepare
+        prepare = importlib.import_module(f"data.{folder}.prepare").prepare
         prepare(out_dir, tasks=[name]) if folder == "commonsense" else prepare(out_dir)
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not records:
@@ -354,15 +350,6 @@ def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None
 # Perplexity
 
 
-def load_wikitext2_test(data_dir: Path | None = None) -> str:
-    """The WikiText-2 raw test text, preparing data/wikitext2/test.txt on first use."""
-    out_dir = Path(data_dir or DATA_DIR) / "wikitext2"
-    path = out_dir / "test.txt"
-    if not path.is_file():
-        _load_prepare_script("wikitext2").prepare(out_dir)
-    return path.read_text(encoding="utf-8")
-
-
 def encode_stream(tokenizer, text: str) -> list[int]:
     """The text as GPTQ/QuaRot tokenize it, tokenizer(text): with the special tokens the
     tokenizer adds by default. Hugging Face's LLaMA sentencepiece tokenizer adds BOS; a
@@ -419,113 +406,100 @@ def format_table(results: dict, ppl: float | None = None, seq_len: int | None = 
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Zero-shot commonsense accuracy and WikiText-2 perplexity "
-                                            "with lm-evaluation-harness semantics.")
-    p.add_argument("--model", required=True, help="checkpoint directory, or a name data/models/prepare.py knows")
-    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help=f"comma-separated, from {', '.join(TASKS)}; "
-                   "'none' for perplexity only")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each task (default or 0: all)")
-    p.add_argument("--ppl", action="store_true", help="also WikiText-2 perplexity")
-    p.add_argument("--seq-len", type=int, default=2048, help="perplexity window (capped by max_position_embeddings)")
-    p.add_argument("--ppl-windows", type=int, default=None, help="only the first N perplexity windows")
-    p.add_argument("--batch-size", type=int, default=32, help="rows (choices) per forward")
-    p.add_argument("--no-share-prefix", action="store_true",
-                   help="run every choice's full sequence instead of sharing the context's KV cache")
-    p.add_argument("--bos", action="store_true", help="prepend BOS to every context (harness add_bos_token=True)")
-    p.add_argument("--rotate", action="store_true", help="rotate the model first (rotate.py)")
-    p.add_argument("--seed", type=int, default=0, help="rotation seed")
-    p.add_argument("--bits", type=int, default=None, help="shorthand for --w-bits N --a-bits N")
-    p.add_argument("--w-bits", type=int, default=16)
-    p.add_argument("--a-bits", type=int, default=16)
-    p.add_argument("--kv-bits", type=int, default=16)
-    p.add_argument("--quant", choices=("rtn", "gptq"), default="rtn", help="weight quantizer")
-    p.add_argument("--calibration", default=None, help="GPTQ calibration text (.txt, or Alpaca .json); "
-                   "default: the mirror's alpaca_cleaned_2000.json (never the evaluation text)")
-    p.add_argument("--n-calibration", type=int, default=128, help="GPTQ calibration windows")
-    p.add_argument("--calibration-len", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), default="float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="write the results here")
-    args = p.parse_args(argv)
-    if args.bits is not None:
-        args.w_bits = args.a_bits = args.bits
-    args.ppl_windows = args.ppl_windows or None  # 0: all windows
-    try:
-        validate_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
-    return args
+@dataclass
+class EvalConfig:
+    model: str = option("", "checkpoint directory, or a name data/models/prepare.py knows (required)")
+    tasks: str = option(",".join(PAPER_TASKS), f"comma-separated, from {', '.join(TASKS)}; 'none' for "
+                        "perplexity only")
+    limit: int | None = option(None, "first N items of each task (0 or none: all)", at_least=1, zero_means_all=True)
+    ppl: bool = option(False, "also WikiText-2 perplexity")
+    seq_len: int = option(2048, "perplexity window (capped by max_position_embeddings)", at_least=2)
+    ppl_windows: int | None = option(None, "only the first N perplexity windows (0 or none: all)", at_least=1,
+                                     zero_means_all=True)
+    batch_size: int = option(32, "rows (choices) per forward", at_least=1)
+    share_prefix: bool = option(True, "run a question's shared context once and reuse its KV cache for "
+                                "every choice (exact for per-token quantizers)")
+    bos: bool = option(False, "prepend BOS to every context (harness add_bos_token=True)")
+    rotate: bool = option(False, "rotate the model first (rotate.py)")
+    seed: int = option(0, "rotation seed")
+    online_down_proj: bool = option(True, "with --rotate: online Hadamard on the down_proj input (R4)")
+    rotate_ov: bool = option(False, "with --rotate: also rotate V/O per head (R2)")
+    bits: int | None = option(None, "shorthand for --w-bits N --a-bits N (wins over them)")
+    quant: QuantConfig = option_group(QuantConfig, "quantization (quant.py)")
+    calibration: str = option("", "GPTQ calibration text (.txt, or Alpaca .json); default: the mirror's "
+                              "alpaca_cleaned_2000.json (never the evaluation text)")
+    dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float64"))
+    threads: int | None = option(None, "torch CPU threads", at_least=1)
+    json: str = option("", "write the results to this JSON file")
+
+    def __post_init__(self):
+        if self.bits is not None:  # a new QuantConfig: never change one another config shares
+            self.quant = dataclasses.replace(self.quant, w_bits=self.bits, a_bits=self.bits)
+
+    def validate(self):
+        """Check every value before the model loads: a typo costs no minutes of loading."""
+        if not self.model:
+            raise ValueError("--model is required: a checkpoint directory or a prepared model name")
+        for task in self.task_list():
+            if task not in TASKS:
+                raise ValueError(f"--tasks: unknown task '{task}'; known tasks: {', '.join(TASKS)}")
+        if self.bits is not None:
+            quant.check_bits(self.bits, "--bits")
+        self.quant.validate()
+        check_options(self)
+        if self.calibration and not Path(self.calibration).is_file():
+            raise FileNotFoundError(f"--calibration {self.calibration}: no such file")
+
+    def task_list(self) -> list[str]:
+        """--tasks 'a,b' -> ['a', 'b']; '' or 'none' -> []."""
+        return [] if self.tasks in ("", "none") else self.tasks.split(",")
 
 
-def validate_args(args):
-    """Check every value before the model loads: a typo costs no minutes of loading."""
-    import quant  # imported here: eval.py works without quant.py
-    for task in task_list(args.tasks):
-        if task not in TASKS:
-            raise ValueError(f"--tasks: unknown task '{task}'; known tasks: {', '.join(TASKS)}")
-    for flag in ("w_bits", "a_bits", "kv_bits"):
-        quant.check_bits(getattr(args, flag), "--" + flag.replace("_", "-"))
-    positive = {"limit": 0, "seq_len": 2, "ppl_windows": 1, "batch_size": 1, "n_calibration": 1,
-                "calibration_len": 2, "threads": 1}  # flag -> smallest value
-    for flag, smallest in positive.items():
-        value = getattr(args, flag)
-        if value is not None and value < smallest:
-            raise ValueError(f"--{flag.replace('_', '-')}={value}: must be at least {smallest}")
-    if args.calibration and not Path(args.calibration).is_file():
-        raise FileNotFoundError(f"--calibration {args.calibration}: no such file")
+def parse_args(argv=None) -> EvalConfig:
+    return parse_config(EvalConfig(), argv, prog="eval.py", description=__doc__.split("\n\n")[0])
 
 
-def task_list(tasks: str) -> list[str]:
-    """--tasks 'a,b' -> ['a', 'b']; '' or 'none' -> []."""
-    return [] if tasks in ("", "none") else tasks.split(",")
-
-
-def prepare_model(args):
-    """Load the checkpoint, then rotate and quantize as the flags ask."""
-    model_dir = resolve_model_dir(args.model)
-    model = load_checkpoint(model_dir, dtype=getattr(torch, args.dtype))
+def load_and_quantize(cfg: EvalConfig):
+    """Load the checkpoint, then rotate and quantize it as the flags ask."""
+    model_dir = resolve_model_dir(cfg.model)
+    model = load_checkpoint(model_dir, dtype=getattr(torch, cfg.dtype))
     tokenizer = Tokenizer(model_dir)
-    if args.rotate:
-        from rotate import rotate_model  # imported here: eval.py works without rotate.py
-        rotate_model(model, seed=args.seed)
-    if min(args.w_bits, args.a_bits, args.kv_bits) < 16:
-        import quant  # imported here: eval.py works without quant.py
+    if cfg.rotate:
+        rotate.rotate_model(model, seed=cfg.seed, online_down_proj=cfg.online_down_proj, rotate_ov=cfg.rotate_ov)
+    if cfg.quant.quantizes:
         calibration = None
-        if args.quant == "gptq" and args.w_bits < 16:
-            mirror = Path(os.environ.get("ROLORA_MIRROR", ROOT.parent / "shared" / "assets"))
-            source = args.calibration or mirror / "data" / "alpaca" / "alpaca_cleaned_2000.json"
+        if cfg.quant.w_method == "gptq" and cfg.quant.w_bits < 16:
+            source = cfg.calibration or alpaca.raw_file("cleaned")
             tokens = tokenizer.encode(quant.calibration_text(source))
-            seq_len = min(args.calibration_len, model.config.max_position_embeddings)
-            calibration = quant.calibration_windows(tokens, args.n_calibration, seq_len)
-        quant.quantize_model(model, w_bits=args.w_bits, a_bits=args.a_bits, kv_bits=args.kv_bits,
-                             w_method=args.quant, calibration=calibration)
+            seq_len = min(cfg.quant.calib_seq_len, model.config.max_position_embeddings)
+            calibration = quant.calibration_windows(tokens, cfg.quant.calib_windows, seq_len)
+        quant.quantize_model(model, cfg.quant, calibration=calibration)
     return model.eval(), tokenizer, model_dir
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tasks = task_list(args.tasks)
+    cfg = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    tasks = cfg.task_list()
     start = time.perf_counter()
-    model, tokenizer, model_dir = prepare_model(args)
-    results = evaluate_tasks(model, tokenizer, tasks, args.limit, args.batch_size,
-                             not args.no_share_prefix, args.bos) if tasks else {"tasks": {}, "average": None}
+    model, tokenizer, model_dir = load_and_quantize(cfg)
+    results = evaluate_tasks(model, tokenizer, tasks, cfg.limit, cfg.batch_size, cfg.share_prefix,
+                             cfg.bos) if tasks else {"tasks": {}, "average": None}
     ppl = seq_len = None
-    if args.ppl:
-        seq_len = min(args.seq_len, model.config.max_position_embeddings)
-        ppl = perplexity(model, tokenizer, load_wikitext2_test(), seq_len, args.ppl_windows)
+    if cfg.ppl:
+        seq_len = min(cfg.seq_len, model.config.max_position_embeddings)
+        ppl = perplexity(model, tokenizer, load_test_text(), seq_len, cfg.ppl_windows)
     seconds = time.perf_counter() - start
     print(format_table(results, ppl, seq_len))
-    print(f"\nmodel {model_dir}, limit {args.limit}, {seconds:.0f} s")
-    if args.json:
-        out = dict(results, model=str(model_dir), settings={k: v for k, v in vars(args).items() if k != "json"},
-                   seconds=seconds)
+    print(f"\nmodel {model_dir}, limit {cfg.limit}, {seconds:.0f} s")
+    if cfg.json:
+        settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "json"}
+        out = dict(results, model=str(model_dir), settings=settings, seconds=seconds)
         if ppl is not None:
             out.update(ppl=ppl, ppl_seq_len=seq_len)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.json).write_text(json.dumps(out, indent=2))
     return results
 
 

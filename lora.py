@@ -27,12 +27,13 @@ Tests: python -m pytest tests/test_lora.py -q
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from model import write_atomically
+from model import BLOCK_LINEARS, check_options, option, replace_module, write_atomically
 
 VARIANTS = ("lora", "reslora")
 RES_TYPES = ("input", "block", "middle")
@@ -113,7 +114,275 @@ class LoRALinear(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# ResLoRA
+# Adding, training and merging adapters on a model (plain LoRA and ResLoRA alike)
+
+
+def _linears_in_layers(model: nn.Module, adapted_ok: bool = False) -> dict[str, nn.Module]:
+    """The linears of every block (model.BLOCK_LINEARS) by name, e.g. 'layers.3.self_attn.q_proj'.
+    With adapted_ok a LoRALinear counts as the linear it wraps; otherwise one is an error."""
+    found = {f"layers.{i}.{path}": layer.get_submodule(path)
+             for i, layer in enumerate(model.layers) for path in BLOCK_LINEARS}
+    adapted = [name for name, module in found.items() if isinstance(module, LoRALinear)]
+    if adapted and not adapted_ok:
+        raise ValueError(f"the model already has LoRA adapters ({adapted[0]}); merge_lora or remove_lora first")
+    return found
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@dataclass
+class LoRAConfig:
+    """The adapter options of train.py, each one a flag (model.parse_config)."""
+    variant: str = option("lora", "LoRA or ResLoRA adapters", choices=VARIANTS)
+    targets: str = option("q_proj,v_proj", "comma-separated linears of a block to adapt")
+    rank: int = option(16, "LoRA rank r", at_least=1)
+    alpha: float = option(16.0, "LoRA alpha (scaling alpha / r)")
+    dropout: float = option(0.0, "dropout on the adapter input, in [0, 1)", at_least=0.0)
+    res_type: str = option("block", "ResLoRA shortcut", choices=RES_TYPES)
+    pre_num: int = option(1, "ResLoRA: how many previous blocks feed the shortcut", at_least=1)
+    reslora_merge: str = option("input", "ResLoRA merge estimate for the input/middle shortcuts",
+                                choices=RESLORA_MERGES)
+
+    def validate(self):
+        check_options(self)
+        if not self.dropout < 1:
+            raise ValueError(f"--dropout={self.dropout}: must be in [0, 1)")
+        if self.variant == "reslora" and self.res_type == "input" and self.pre_num != 1:
+            raise ValueError(f"--pre-num={self.pre_num}: the input shortcut takes exactly one previous block")
+        names = {path.rsplit(".", 1)[-1] for path in BLOCK_LINEARS}
+        unknown = [t for t in self.targets.split(",") if t.rsplit(".", 1)[-1] not in names]
+        if unknown:
+            raise ValueError(f"--targets={self.targets!r}: {unknown} not among the linears of a block: "
+                             f"{', '.join(sorted(names))}")
+
+    def add_to(self, model: nn.Module) -> nn.Module:
+        """add_lora with these settings."""
+        return add_lora(model, tuple(self.targets.split(",")), self.rank, self.alpha, self.dropout,
+                        self.variant, self.res_type, self.pre_num)
+
+
+def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), rank: int = 16, alpha: float = 16,
+             dropout: float = 0.0, variant: str = "lora", res_type: str = "block", pre_num: int = 1,
+             norm_window: int = 100) -> nn.Module:
+    """Wrap every linear in model.layers whose name ends with one of `targets` ("q_proj", or a
+    longer suffix such as "layers.0.self_attn.q_proj") in a LoRALinear, in place.
+
+    variant="reslora" links the wrappers of the same projection across layers (res_type, pre_num =
+    m previous blocks; the input shortcut always uses exactly one). Adapters are created with the
+    base weight's dtype and device, drawing A from torch's global RNG."""
+    if variant not in VARIANTS:
+        raise ValueError(f"LoRA variant must be one of {VARIANTS}, got '{variant}'")
+    if variant == "reslora":
+        if res_type not in RES_TYPES:
+            raise ValueError(f"ResLoRA res_type must be one of {RES_TYPES}, got '{res_type}'")
+        if pre_num < 1 or (res_type == "input" and pre_num != 1):
+            raise ValueError(f"ResLoRA pre_num={pre_num}: must be >= 1, and exactly 1 for the input "
+                             "shortcut (h_n = W_n x_n + s B_n A_n (x_n + x_{n-1}))")
+    if isinstance(targets, str):
+        targets = (targets,)
+    linears = _linears_in_layers(model)
+    chosen = []
+    for target in targets:
+        matches = [name for name in linears if name == target or name.endswith("." + target)]
+        if not matches:
+            valid = sorted({name.rsplit(".", 1)[-1] for name in linears})
+            raise ValueError(f"LoRA target '{target}' matches no linear in model.layers; valid names: "
+                             f"{', '.join(valid)}")
+        chosen += [name for name in matches if name not in chosen]
+
+    def layer_index(name):
+        return int(name.split(".")[1])
+
+    chains = {}  # ResLoRA: "self_attn.q_proj" -> its chain, filled in layer order
+    for name in sorted(chosen, key=layer_index):
+        if variant == "lora":
+            wrapper = LoRALinear(linears[name], rank, alpha, dropout)
+        else:
+            projection = name.split(".", 2)[2]
+            chain = chains.setdefault(projection, ResLoRAChain(res_type, pre_num))
+            wrapper = ResLoRALinear(linears[name], rank, alpha, dropout, chain, norm_window)
+        wrapper.train(linears[name].training)  # a new Module is in train mode; keep the model's mode
+        wrapper.module_path = name
+        replace_module(model, name, wrapper)
+    return model
+
+
+def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
+    """requires_grad=True on the A and B matrices only; everything else frozen."""
+    if not lora_modules(model):
+        raise ValueError("mark_only_lora_trainable: the model has no LoRA adapters (call add_lora)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    return model
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, reslora_merge: str = "input") -> nn.Module:
+    """Fold every adapter into its base weight and put the base linears back: a plain model.
+
+    ResLoRA input/middle shortcuts merge approximately; reslora_merge picks the estimate of how an
+    earlier layer's input compares with this one's ("input": running means of input norms, needs
+    training forwards; "weight": Frobenius norms of the merged weights; ResLoRAChain.input_ratio).
+    All coefficients are computed before any weight changes, so the result does not depend on the
+    order of the layers."""
+    if reslora_merge not in RESLORA_MERGES:
+        raise ValueError(f"reslora_merge must be one of {RESLORA_MERGES}, got '{reslora_merge}'")
+    wrappers = lora_modules(model)
+    for name, m in wrappers.items():  # check all before changing any
+        if type(m.base_layer) is not nn.Linear:
+            raise TypeError(f"merge_lora: {name} wraps a {type(m.base_layer).__name__}; merge the adapters "
+                            "into the full-precision model first, then quantize it")
+    coefficients = {name: m.compute_merge_coefficients(reslora_merge) for name, m in wrappers.items()
+                    if isinstance(m, ResLoRALinear) and not m.merged}
+    for name, m in wrappers.items():
+        if name in coefficients:
+            m.merge(coefficients=coefficients[name])
+        else:
+            m.merge()
+    for name, m in wrappers.items():
+        replace_module(model, name, m.base_layer)
+    return model
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Put the base linears back without merging (undo add_lora; a merged wrapper is unmerged first)."""
+    for name, m in lora_modules(model).items():
+        m.unmerge()
+        replace_module(model, name, m.base_layer)
+    return model
+
+
+def _is_adapter_key(key: str) -> bool:
+    return key.endswith((".lora_A.weight", ".lora_B.weight", ".input_norms"))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors only (A, B, and ResLoRA's input-norm windows), by our module names."""
+    return {k: v for k, v in model.state_dict().items() if _is_adapter_key(k)}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict",
+                         key_prefix: str = ""):
+    """Copy lora_state_dict() output back into a model with the same adapters; every key must
+    match. Errors name `source` and the key as stored there (key_prefix + our name)."""
+    expected = lora_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing:
+        raise KeyError(f"{source}: missing key '{key_prefix}{missing[0]}' ({len(missing)} adapter "
+                       "tensors missing)")
+    if unexpected:
+        raise KeyError(f"{source}: unexpected key '{key_prefix}{unexpected[0]}' (the model has no such adapter)")
+    for key, target in expected.items():
+        if state[key].shape != target.shape:
+            raise ValueError(f"{source}: key '{key_prefix}{key}' has shape {tuple(state[key].shape)}, "
+                             f"the model's adapter has {tuple(target.shape)}")
+        target.copy_(state[key])
+
+
+# -----------------------------------------------------------------------------
+# PEFT layout: adapter_model.safetensors + adapter_config.json
+
+PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LlamaForCausalLM -> LlamaModel
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# Fields of PEFT's LoraConfig that change the function, with the only value we implement.
+PEFT_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
+                    "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
+                    "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None,
+                    "layer_replication": None, "trainable_token_indices": None, "exclude_modules": None,
+                    "use_qalora": False, "alora_invocation_tokens": None}
+
+
+def save_adapters(model: nn.Module, directory, base_model_name_or_path: str | None = None):
+    """Write the adapters as PEFT does, so PeftModel.from_pretrained(LlamaForCausalLM, directory)
+    loads plain-LoRA adapters onto the same base. ResLoRA adapters are written with
+    peft_type "RESLORA" and a "reslora" section: PEFT refuses them (it cannot compute the
+    shortcuts) instead of silently loading them as plain LoRA; load_adapters reads them."""
+    from safetensors.torch import save_file
+
+    wrappers = lora_modules(model)
+    if not wrappers:
+        raise ValueError("save_adapters: the model has no LoRA adapters")
+    settings = {(m.rank, m.alpha, m.dropout, type(m)) for m in wrappers.values()}
+    if len(settings) > 1:
+        raise ValueError(f"save_adapters: adapters differ in rank/alpha/dropout/variant {settings}; "
+                         "PEFT's layout here holds one setting")
+    rank, alpha, dropout, kind = settings.pop()
+    # Suffixes when every layer's projection is adapted, else the exact module names.
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in wrappers})
+    every = [n for n in _linears_in_layers(model, adapted_ok=True) if n.rsplit(".", 1)[-1] in suffixes]
+    targets = suffixes if sorted(every) == sorted(wrappers) else sorted(wrappers)
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
+              "init_lora_weights": True, "inference_mode": True, "revision": None, "layers_pattern": None}
+    config |= PEFT_UNSUPPORTED
+    if kind is ResLoRALinear:
+        chain = next(iter(wrappers.values())).chain
+        config["peft_type"] = "RESLORA"
+        config["reslora"] = {"res_type": chain.res_type, "pre_num": chain.pre_num,
+                             "norm_window": next(iter(wrappers.values())).input_norms.numel()}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
+    write_atomically(directory / ADAPTER_WEIGHTS,
+                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / ADAPTER_CONFIG,
+                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
+
+
+def load_adapters(model: nn.Module, directory) -> nn.Module:
+    """Add adapters to `model` as `directory`'s adapter_config.json describes and load their
+    weights from adapter_model.safetensors (ours or PEFT's). Every key must be present with the
+    right shape; anything else is an error naming the file and key."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    for f in (config_file, weights_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: not found (a PEFT adapter directory holds {ADAPTER_CONFIG} "
+                                    f"and {ADAPTER_WEIGHTS})")
+    config = json.loads(config_file.read_text())
+    peft_type = config.get("peft_type")
+    if peft_type not in ("LORA", "RESLORA"):
+        raise ValueError(f"{config_file}: peft_type '{peft_type}' is not supported (LORA or RESLORA)")
+    for key, implemented in PEFT_UNSUPPORTED.items():
+        value = config.get(key)
+        if value and value != implemented:
+            raise ValueError(f"{config_file}: {key}={value!r} is not supported (only {implemented!r})")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise KeyError(f"{config_file}: missing field '{key}'")
+    targets = config["target_modules"]
+    if isinstance(targets, list):  # PEFT's names may carry LlamaForCausalLM's "model." prefix
+        targets = [t.removeprefix("model.") for t in targets]
+    elif isinstance(targets, str):  # PEFT: a regex that must match the whole HF module name
+        targets = [n for n in _linears_in_layers(model) if re.fullmatch(targets, "model." + n)]
+        if not targets:
+            raise ValueError(f"{config_file}: target_modules regex {config['target_modules']!r} "
+                             "matches no linear in model.layers")
+    reslora = config.get("reslora", {}) if peft_type == "RESLORA" else {}
+    stored = load_file(str(weights_file))
+    for key in stored:
+        if not key.startswith(PEFT_PREFIX):
+            raise KeyError(f"{weights_file}: unexpected key '{key}' (expected '{PEFT_PREFIX}layers.<i>...')")
+    add_lora(model, targets, rank=config["r"], alpha=config["lora_alpha"],
+             dropout=config.get("lora_dropout", 0.0), variant="reslora" if reslora else "lora",
+             res_type=reslora.get("res_type", "block"), pre_num=reslora.get("pre_num", 1),
+             norm_window=reslora.get("norm_window", 100))
+    try:
+        load_lora_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in stored.items()},
+                             source=str(weights_file), key_prefix=PEFT_PREFIX)
+    except (KeyError, ValueError):
+        remove_lora(model)  # leave the model as it was given
+        raise
+    return model
+
+
+# -----------------------------------------------------------------------------
+# ResLoRA: shortcuts between the LoRA blocks of one projection in consecutive layers
 
 
 class ResLoRAChain:
@@ -278,246 +547,3 @@ class ResLoRALinear(LoRALinear):
         if self.merged:
             self._add_to_base_weight(-self.delta_weight())
             self.merge_coefficients, self.merged = None, False
-
-
-# -----------------------------------------------------------------------------
-# Adding, training and merging adapters on a model
-
-
-def _linears_in_layers(model: nn.Module, adapted_ok: bool = False) -> dict[str, nn.Module]:
-    """Every linear (or look-alike) inside model.layers by name, e.g. 'layers.3.self_attn.q_proj'.
-    With adapted_ok a LoRALinear counts as the linear it wraps; otherwise one is an error."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and not adapted_ok:
-            raise ValueError(f"the model already has LoRA adapters ({name}); merge_lora or remove_lora first")
-        is_linear = all(hasattr(module, a) for a in ("weight", "in_features", "out_features"))
-        inside_another = any(name.startswith(other + ".") for other in found)
-        if name.startswith("layers.") and is_linear and not inside_another:
-            found[name] = module
-    return found
-
-
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
-
-
-def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), rank: int = 16, alpha: float = 16,
-             dropout: float = 0.0, variant: str = "lora", res_type: str = "block", pre_num: int = 1,
-             norm_window: int = 100) -> nn.Module:
-    """Wrap every linear in model.layers whose name ends with one of `targets` ("q_proj", or a
-    longer suffix such as "layers.0.self_attn.q_proj") in a LoRALinear, in place.
-
-    variant="reslora" links the wrappers of the same projection across layers (res_type, pre_num =
-    m previous blocks; the input shortcut always uses exactly one). Adapters are created with the
-    base weight's dtype and device, drawing A from torch's global RNG."""
-    if variant not in VARIANTS:
-        raise ValueError(f"LoRA variant must be one of {VARIANTS}, got '{variant}'")
-    if variant == "reslora":
-        if res_type not in RES_TYPES:
-            raise ValueError(f"ResLoRA res_type must be one of {RES_TYPES}, got '{res_type}'")
-        if pre_num < 1 or (res_type == "input" and pre_num != 1):
-            raise ValueError(f"ResLoRA pre_num={pre_num}: must be >= 1, and exactly 1 for the input "
-                             "shortcut (h_n = W_n x_n + s B_n A_n (x_n + x_{n-1}))")
-    if isinstance(targets, str):
-        targets = (targets,)
-    linears = _linears_in_layers(model)
-    chosen = []
-    for target in targets:
-        matches = [name for name in linears if name == target or name.endswith("." + target)]
-        if not matches:
-            valid = sorted({name.rsplit(".", 1)[-1] for name in linears})
-            raise ValueError(f"LoRA target '{target}' matches no linear in model.layers; valid names: "
-                             f"{', '.join(valid)}")
-        chosen += [name for name in matches if name not in chosen]
-
-    def layer_index(name):
-        return int(name.split(".")[1])
-
-    chains = {}  # ResLoRA: "self_attn.q_proj" -> its chain, filled in layer order
-    for name in sorted(chosen, key=layer_index):
-        if variant == "lora":
-            wrapper = LoRALinear(linears[name], rank, alpha, dropout)
-        else:
-            projection = name.split(".", 2)[2]
-            chain = chains.setdefault(projection, ResLoRAChain(res_type, pre_num))
-            wrapper = ResLoRALinear(linears[name], rank, alpha, dropout, chain, norm_window)
-        wrapper.train(linears[name].training)  # a new Module is in train mode; keep the model's mode
-        wrapper.module_path = name
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, wrapper)
-    return model
-
-
-def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
-    """requires_grad=True on the A and B matrices only; everything else frozen."""
-    if not lora_modules(model):
-        raise ValueError("mark_only_lora_trainable: the model has no LoRA adapters (call add_lora)")
-    for name, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
-    return model
-
-
-@torch.no_grad()
-def merge_lora(model: nn.Module, reslora_merge: str = "input") -> nn.Module:
-    """Fold every adapter into its base weight and put the base linears back: a plain model.
-
-    ResLoRA input/middle shortcuts merge approximately; reslora_merge picks the estimate of how an
-    earlier layer's input compares with this one's ("input": running means of input norms, needs
-    training forwards; "weight": Frobenius norms of the merged weights; ResLoRAChain.input_ratio).
-    All coefficients are computed before any weight changes, so the result does not depend on the
-    order of the layers."""
-    if reslora_merge not in RESLORA_MERGES:
-        raise ValueError(f"reslora_merge must be one of {RESLORA_MERGES}, got '{reslora_merge}'")
-    wrappers = lora_modules(model)
-    for name, m in wrappers.items():  # check all before changing any
-        if type(m.base_layer) is not nn.Linear:
-            raise TypeError(f"merge_lora: {name} wraps a {type(m.base_layer).__name__}; merge the adapters "
-                            "into the full-precision model first, then quantize it")
-    coefficients = {name: m.compute_merge_coefficients(reslora_merge) for name, m in wrappers.items()
-                    if isinstance(m, ResLoRALinear) and not m.merged}
-    for name, m in wrappers.items():
-        if name in coefficients:
-            m.merge(coefficients=coefficients[name])
-        else:
-            m.merge()
-    for name, m in wrappers.items():
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, m.base_layer)
-    return model
-
-
-def remove_lora(model: nn.Module) -> nn.Module:
-    """Put the base linears back without merging (undo add_lora; a merged wrapper is unmerged first)."""
-    for name, m in lora_modules(model).items():
-        m.unmerge()
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, m.base_layer)
-    return model
-
-
-def _is_adapter_key(key: str) -> bool:
-    return key.endswith((".lora_A.weight", ".lora_B.weight", ".input_norms"))
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter tensors only (A, B, and ResLoRA's input-norm windows), by our module names."""
-    return {k: v for k, v in model.state_dict().items() if _is_adapter_key(k)}
-
-
-@torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict",
-                         key_prefix: str = ""):
-    """Copy lora_state_dict() output back into a model with the same adapters; every key must
-    match. Errors name `source` and the key as stored there (key_prefix + our name)."""
-    expected = lora_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing:
-        raise KeyError(f"{source}: missing key '{key_prefix}{missing[0]}' ({len(missing)} adapter "
-                       "tensors missing)")
-    if unexpected:
-        raise KeyError(f"{source}: unexpected key '{key_prefix}{unexpected[0]}' (the model has no such adapter)")
-    for key, target in expected.items():
-        if state[key].shape != target.shape:
-            raise ValueError(f"{source}: key '{key_prefix}{key}' has shape {tuple(state[key].shape)}, "
-                             f"the model's adapter has {tuple(target.shape)}")
-        target.copy_(state[key])
-
-
-# -----------------------------------------------------------------------------
-# PEFT layout: adapter_model.safetensors + adapter_config.json
-
-PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LlamaForCausalLM -> LlamaModel
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-# Fields of PEFT's LoraConfig that change the function, with the only value we implement.
-PEFT_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none",
-                    "lora_bias": False, "modules_to_save": None, "layers_to_transform": None,
-                    "rank_pattern": {}, "alpha_pattern": {}, "target_parameters": None,
-                    "layer_replication": None, "trainable_token_indices": None, "exclude_modules": None,
-                    "use_qalora": False, "alora_invocation_tokens": None}
-
-
-def save_adapters(model: nn.Module, directory, base_model_name_or_path: str | None = None):
-    """Write the adapters as PEFT does, so PeftModel.from_pretrained(LlamaForCausalLM, directory)
-    loads plain-LoRA adapters onto the same base. ResLoRA adapters are written with
-    peft_type "RESLORA" and a "reslora" section: PEFT refuses them (it cannot compute the
-    shortcuts) instead of silently loading them as plain LoRA; load_adapters reads them."""
-    from safetensors.torch import save_file
-
-    wrappers = lora_modules(model)
-    if not wrappers:
-        raise ValueError("save_adapters: the model has no LoRA adapters")
-    settings = {(m.rank, m.alpha, m.dropout, type(m)) for m in wrappers.values()}
-    if len(settings) > 1:
-        raise ValueError(f"save_adapters: adapters differ in rank/alpha/dropout/variant {settings}; "
-                         "PEFT's layout here holds one setting")
-    rank, alpha, dropout, kind = settings.pop()
-    # Suffixes when every layer's projection is adapted, else the exact module names.
-    suffixes = sorted({name.rsplit(".", 1)[-1] for name in wrappers})
-    every = [n for n in _linears_in_layers(model, adapted_ok=True) if n.rsplit(".", 1)[-1] in suffixes]
-    targets = suffixes if sorted(every) == sorted(wrappers) else sorted(wrappers)
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-              "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets,
-              "init_lora_weights": True, "inference_mode": True, "revision": None, "layers_pattern": None}
-    config |= PEFT_UNSUPPORTED
-    if kind is ResLoRALinear:
-        chain = next(iter(wrappers.values())).chain
-        config["peft_type"] = "RESLORA"
-        config["reslora"] = {"res_type": chain.res_type, "pre_num": chain.pre_num,
-                             "norm_window": next(iter(wrappers.values())).input_norms.numel()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model).items()}
-    write_atomically(directory / ADAPTER_WEIGHTS,
-                      lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    write_atomically(directory / ADAPTER_CONFIG,
-                      lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)))
-
-
-def load_adapters(model: nn.Module, directory) -> nn.Module:
-    """Add adapters to `model` as `directory`'s adapter_config.json describes and load their
-    weights from adapter_model.safetensors (ours or PEFT's). Every key must be present with the
-    right shape; anything else is an error naming the file and key."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    for f in (config_file, weights_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: not found (a PEFT adapter directory holds {ADAPTER_CONFIG} "
-                                    f"and {ADAPTER_WEIGHTS})")
-    config = json.loads(config_file.read_text())
-    peft_type = config.get("peft_type")
-    if peft_type not in ("LORA", "RESLORA"):
-        raise ValueError(f"{config_file}: peft_type '{peft_type}' is not supported (LORA or RESLORA)")
-    for key, implemented in PEFT_UNSUPPORTED.items():
-        value = config.get(key)
-        if value and value != implemented:
-            raise ValueError(f"{config_file}: {key}={value!r} is not supported (only {implemented!r})")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise KeyError(f"{config_file}: missing field '{key}'")
-    targets = config["target_modules"]
-    if isinstance(targets, list):  # PEFT's names may carry LlamaForCausalLM's "model." prefix
-        targets = [t.removeprefix("model.") for t in targets]
-    elif isinstance(targets, str):  # PEFT: a regex that must match the whole HF module name
-        targets = [n for n in _linears_in_layers(model) if re.fullmatch(targets, "model." + n)]
-        if not targets:
-            raise ValueError(f"{config_file}: target_modules regex {config['target_modules']!r} "
-                             "matches no linear in model.layers")
-    reslora = config.get("reslora", {}) if peft_type == "RESLORA" else {}
-    stored = load_file(str(weights_file))
-    for key in stored:
-        if not key.startswith(PEFT_PREFIX):
-            raise KeyError(f"{weights_file}: unexpected key '{key}' (expected '{PEFT_PREFIX}layers.<i>...')")
-    add_lora(model, targets, rank=config["r"], alpha=config["lora_alpha"],
-             dropout=config.get("lora_dropout", 0.0), variant="reslora" if reslora else "lora",
-             res_type=reslora.get("res_type", "block"), pre_num=reslora.get("pre_num", 1),
-             norm_window=reslora.get("norm_window", 100))
-    try:
-        load_lora_state_dict(model, {k.removeprefix(PEFT_PREFIX): v for k, v in stored.items()},
-                             source=str(weights_file), key_prefix=PEFT_PREFIX)
-    except (KeyError, ValueError):
-        remove_lora(model)  # leave the model as it was given
-        raise
-    return model

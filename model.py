@@ -5,22 +5,29 @@ embeddings, grouped-query attention, SwiGLU), the Transformer with a KV-cache `g
 loading and saving the Hugging Face layout (config.json + safetensors), and the tokenizer.
 
 This file knows nothing of rotation, quantization or LoRA. Those stages (rotate.py,
-quant.py, lora.py) take a model and change it: they find the linears by their names
-(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head) and swap or
-rewrite them, and they may plug a module into the three identity "hook points" below.
+quant.py, lora.py) take a model and change it: they read the block's structure from
+BLOCK_INPUTS below (which norm feeds which linears, which linears write to the residual
+stream), rewrite or swap the linears with `replace_module`, and may plug a module into the
+three identity "hook points" of Attention and MLP. Whatever replaces a linear must be an
+nn.Linear look-alike: a forward of (..., in_features) -> (..., out_features) and the
+attributes `weight` (out, in), `in_features` and `out_features` (save_checkpoint reads
+`.weight`). The file ends with `parse_config`, the command-line parser every script uses.
 
 Demo:
     python data/models/prepare.py stories260K
     python model.py --model data/models/stories260K --prompt "Once upon a time"
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from functools import reduce
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -328,12 +335,46 @@ class Transformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# The structure of a block, stated once for the stages
+#
+# Block.forward in words: the residual stream x goes through input_layernorm into q, k and v;
+# attention mixes the heads' values into o_proj, whose output is added to x; x goes through
+# post_attention_layernorm into gate and up; silu(gate) * up goes through the down_input_transform
+# hook into down_proj, whose output is added to x. rotate.py (norm fusion, R1), quant.py (GPTQ's
+# groups of linears that share one input, hence one Hessian) and lora.py (the targets) read it here.
+
+
+class SharedInput(NamedTuple):
+    """Linears of a block that read one and the same input, and the module that produces it."""
+    source: str               # path in the block of the module whose output they read
+    linears: tuple[str, ...]  # paths in the block
+    reads_residual: bool      # the input is the residual stream, through the RMSNorm `source`
+
+
+BLOCK_INPUTS = (  # in forward order
+    SharedInput("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True),
+    SharedInput("self_attn", ("self_attn.o_proj",), False),  # the heads' outputs, (B, T, nh * hs)
+    SharedInput("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), True),
+    SharedInput("mlp.down_input_transform", ("mlp.down_proj",), False),  # silu(gate) * up
+)
+BLOCK_LINEARS = tuple(path for shared in BLOCK_INPUTS for path in shared.linears)
+RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # their outputs are added to the stream
+# Outside the blocks: embed_tokens writes the residual stream, norm -> lm_head reads it.
+
+
+def replace_module(root: nn.Module, path: str, module: nn.Module):
+    """Put `module` at the dotted `path` under `root` (e.g. 'layers.3.self_attn.q_proj')."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent), name, module)
+
+
+# -----------------------------------------------------------------------------
 # Checkpoints in the Hugging Face layout
 
 # Our parameter names are Hugging Face's minus the "model." prefix (lm_head has none).
-LAYER_WEIGHTS = ("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                 "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-                 "mlp.down_proj")
+# A block's weights in forward order: each RMSNorm that reads the residual stream, then its readers.
+LAYER_WEIGHTS = tuple(name for shared in BLOCK_INPUTS
+                      for name in ((shared.source,) if shared.reads_residual else ()) + shared.linears)
 # Present in some older checkpoints, derived from the config: skipped on load.
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -482,24 +523,6 @@ def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3
     write_atomically(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2)))
 
 
-def resolve_model_dir(name_or_dir) -> Path:
-    """A checkpoint directory, or the name of one data/models/prepare.py knows (prepared on first use)."""
-    path = Path(name_or_dir)
-    if (path / "config.json").is_file():
-        return path
-    here = Path(__file__).resolve().parent
-    if (here / "data" / "models" / str(name_or_dir) / "config.json").is_file():
-        return here / "data" / "models" / str(name_or_dir)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("prepare_models", here / "data" / "models" / "prepare.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
-    if str(name_or_dir) not in prepare.NAMES:
-        raise FileNotFoundError(f"--model {name_or_dir}: not a checkpoint directory (no config.json) "
-                                f"and not a known model name {prepare.NAMES}")
-    return prepare.prepare_model(str(name_or_dir))
-
-
 # -----------------------------------------------------------------------------
 # Tokenizer
 
@@ -553,20 +576,141 @@ class Tokenizer:
 
 
 # -----------------------------------------------------------------------------
+# Command lines: one flag per dataclass field
+#
+# Every script (train.py, eval.py, rotate.py, model.py, bench/) declares its options as one
+# @dataclass and calls parse_config: the flags, their help and their types come from the fields;
+# a field holding another dataclass (train.py's `quant: QuantConfig`) adds that one's flags too,
+# so an option is declared once wherever it is used. The values are checked by the dataclass's
+# validate() before the script loads anything.
+
+
+def option(default, help_text: str, *, choices: tuple | None = None, at_least=None, at_most=None,
+           zero_means_all: bool = False, aliases: tuple = ()):
+    """A dataclass field that is also the flag --field-name (and any `aliases`), with the values
+    it accepts (checked by check_options). zero_means_all: an optional count (int | None) where
+    0 or 'none' on the command line means 'all' (None); other optional values take 'none'."""
+    return field(default=default, metadata={"help": help_text, "choices": choices, "at_least": at_least,
+                                            "at_most": at_most, "zero_means_all": zero_means_all,
+                                            "aliases": aliases})
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_options(config):
+    """Check every field of a configuration (nested ones too) against what its option() declared;
+    the ValueError names the flag: '--seq-len=0: must be at least 1'."""
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        if is_dataclass(value):
+            check_options(value)
+            continue
+        if value is None:
+            continue
+        flag = f"{flag_name(f.name)}={value!r}"
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{flag}: must be one of {', '.join(map(str, meta['choices']))}")
+        if meta.get("at_least") is not None and value < meta["at_least"]:
+            raise ValueError(f"{flag}: must be at least {meta['at_least']}"
+                             + (" (0 or none: all)" if meta.get("zero_means_all") else ""))
+        if meta.get("at_most") is not None and value > meta["at_most"]:
+            raise ValueError(f"{flag}: must be at most {meta['at_most']}")
+
+
+def option_group(config_class, help_text: str = "", **defaults):
+    """A field holding a nested configuration; `defaults` are this script's own defaults for it."""
+    return field(default_factory=lambda: config_class(**defaults), metadata={"help": help_text})
+
+
+def _flag_type(f):
+    """argparse's type for a field: int, float or str, with 'none' (and 0 for counts) as None."""
+    optional = type(None) in typing.get_args(f.type)  # int | None
+    kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if optional else f.type
+
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        value = kind(text)
+        return None if f.metadata.get("zero_means_all") and value == 0 else value
+    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
+    return parse
+
+
+def _add_flags(parser, config):
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):  # a nested configuration: its fields are flags of their own
+            _add_flags(parser.add_argument_group(f.metadata.get("help") or type(value).__name__), value)
+            continue
+        flags = [flag_name(f.name), *f.metadata.get("aliases", ())]
+        choices = f" [{', '.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
+        help_text = f"{f.metadata.get('help', '')}{choices} (default: {value})"
+        if f.type is bool:
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=value,
+                                help=help_text)
+        else:  # choices and bounds are checked by check_options, with one message style for all
+            parser.add_argument(*flags, dest=f.name, type=_flag_type(f), default=value, help=help_text)
+
+
+def option_names(config) -> set[str]:
+    """The flat names of every option of a configuration, nested ones included."""
+    return {name for f in fields(config) for name in
+            (option_names(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else {f.name})}
+
+
+def replace_options(config, **values):
+    """A copy of `config` with the named options replaced wherever they live, nested
+    configurations included, as on the command line: replace_options(TrainConfig(), rank=8, w_bits=4)."""
+    unknown = set(values) - option_names(config)
+    if unknown:
+        raise TypeError(f"{type(config).__name__}: unknown option(s) {sorted(unknown)}")
+    changes = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            inner = {k: v for k, v in values.items() if k in option_names(value)}
+            if inner:
+                changes[f.name] = replace_options(value, **inner)
+        elif f.name in values:
+            changes[f.name] = values[f.name]
+    return dataclasses.replace(config, **changes)
+
+
+def parse_config(config, argv=None, *, prog: str | None = None, description: str | None = None):
+    """Parse a command line into a copy of the dataclass instance `config` (whose values are the
+    defaults) and check it (its validate(), else check_options): a bad value ends in argparse's
+    one-line error naming the flag, before anything is loaded."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_flags(parser, config)
+    parsed = replace_options(config, **vars(parser.parse_args(argv)))
+    try:
+        parsed.validate() if hasattr(parsed, "validate") else check_options(parsed)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    return parsed
+
+
+# -----------------------------------------------------------------------------
 # Demo: python model.py --model DIR --prompt "..."
 
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Sample text from a LLaMA-family checkpoint.")
-    p.add_argument("--model", default="stories260K", help="checkpoint directory or a name data/models/prepare.py knows")
-    p.add_argument("--prompt", default="Once upon a time", help="text to continue")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the ChatML template (SmolLM2-Instruct)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+@dataclass
+class SampleConfig:
+    model: str = option("stories260K", "checkpoint directory or a name data/models/prepare.py knows")
+    prompt: str = option("Once upon a time", "text to continue")
+    chat: bool = option(False, "wrap the prompt in the ChatML template (SmolLM2-Instruct)")
+    max_new_tokens: int = option(100, "tokens to generate", at_least=0)
+    temperature: float = option(0.0, "sampling temperature; 0 is greedy", at_least=0.0)
+    top_k: int | None = option(None, "sample from the k most likely tokens only", at_least=1)
+    seed: int = option(0, "seed of the sampler")
 
+
+if __name__ == "__main__":
+    args = parse_config(SampleConfig(), prog="model.py", description="Sample text from a LLaMA-family checkpoint.")
     torch.manual_seed(args.seed)
+    from data.models import resolve_model_dir
     model_dir = resolve_model_dir(args.model)
     model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
     prompt = args.prompt

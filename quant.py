@@ -29,16 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-# The linears of a block, by attribute path, in the order the forward reads them.
-# Each inner tuple reads one shared input (q/k/v read input_layernorm's output; gate/up
-# read post_attention_layernorm's), so GPTQ computes one Hessian per tuple.
-BLOCK_LINEAR_GROUPS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-BLOCK_LINEARS = tuple(name for group in BLOCK_LINEAR_GROUPS for name in group)
+from model import BLOCK_INPUTS, BLOCK_LINEARS, check_options, flag_name, option, replace_module
+
 
 
 # ----------------------------------------------------------------------------------
@@ -383,46 +375,54 @@ class QuantLinear(nn.Module):
 # ----------------------------------------------------------------------------------
 # 4. The whole model
 
-def _opt(default, help_text):
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclass
 class QuantConfig:
-    """Everything quantize_model needs; every field is also a command-line flag."""
-    w_bits: int = _opt(16, "weight bits, 2..16 (16: weights untouched)")
-    a_bits: int = _opt(16, "activation bits at the input of q,k,v,o,gate,up,down (16: none)")
-    kv_bits: int = _opt(16, "KV-cache bits, per head and token, asymmetric (16: none)")
-    w_method: str = _opt("rtn", "weight quantizer: rtn (round to nearest) or gptq")
-    w_group_size: int | None = _opt(None, "weight group size in input columns (default: per output channel)")
-    w_symmetric: bool = _opt(True, "symmetric weight grid (else asymmetric with a zero point)")
-    w_clip_search: bool = _opt(True, "MSE search of each weight row's clip ratio (1.00 down to 0.21)")
-    a_symmetric: bool = _opt(True, "symmetric activation grid")
-    a_clip_ratio: float = _opt(1.0, "activation clip ratio in (0, 1]")
-    kv_clip_ratio: float = _opt(1.0, "KV-cache clip ratio in (0, 1]")
-    quantize_lm_head_input: bool = _opt(False, "also quantize lm_head's input (its weight stays 16-bit)")
-    gptq_block_size: int = _opt(128, "GPTQ columns per lazy-update block")
-    gptq_damp_ratio: float = _opt(0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal")
-    gptq_act_order: bool = _opt(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal")
-    gptq_batch_size: int = _opt(8, "calibration windows per forward during GPTQ")
-    quantize_weight_every_forward: bool = _opt(
+    """Everything quantize_model needs; train.py and eval.py take every field as a flag
+    (model.parse_config), and the GPTQ calibration size too."""
+    w_bits: int = option(16, "weight bits, 2..16 (16: weights untouched)")
+    a_bits: int = option(16, "activation bits at the input of q,k,v,o,gate,up,down (16: none)")
+    kv_bits: int = option(16, "KV-cache bits, per head and token, asymmetric (16: none)")
+    w_method: str = option("rtn", "weight quantizer: rtn (round to nearest, MSE clip search) or gptq",
+                           choices=("rtn", "gptq"), aliases=("--quant",))
+    w_group_size: int | None = option(None, "weight group size in input columns (default: per output channel)",
+                                      at_least=1)
+    w_symmetric: bool = option(True, "symmetric weight grid (else asymmetric with a zero point)")
+    w_clip_search: bool = option(True, "MSE search of each weight row's clip ratio (1.00 down to 0.21)")
+    a_symmetric: bool = option(True, "symmetric activation grid")
+    a_clip_ratio: float = option(1.0, "activation clip ratio in (0, 1]", at_most=1.0)
+    kv_clip_ratio: float = option(1.0, "KV-cache clip ratio in (0, 1]", at_most=1.0)
+    quantize_lm_head_input: bool = option(False, "also quantize lm_head's input (its weight stays 16-bit)")
+    gptq_block_size: int = option(128, "GPTQ columns per lazy-update block", at_least=1)
+    gptq_damp_ratio: float = option(0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal", at_least=0.0)
+    gptq_act_order: bool = option(False, "GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    gptq_batch_size: int = option(8, "calibration windows per forward during GPTQ", at_least=1)
+    calib_windows: int = option(128, "GPTQ calibration windows (paper: 128)", at_least=1)
+    calib_seq_len: int = option(2048, "tokens per GPTQ calibration window (paper: 2048)", at_least=2)
+    quantize_weight_every_forward: bool = option(
         False, "QAT: keep float weights and fake-quantize them at every forward (RTN + STE)")
 
     def validate(self):
-        for flag in ("w_bits", "a_bits", "kv_bits"):
-            check_bits(getattr(self, flag), flag)
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            check_bits(getattr(self, name), flag_name(name))
         if self.w_method not in ("rtn", "gptq"):
-            raise ValueError(f"quant.py: w_method={self.w_method!r} must be 'rtn' or 'gptq'")
-        if self.w_group_size is not None and (not isinstance(self.w_group_size, int) or self.w_group_size <= 0):
-            raise ValueError(f"quant.py: w_group_size={self.w_group_size!r} must be a positive integer or None")
+            raise ValueError(f"quant.py: w_method={self.w_method!r} (--w-method, --quant) must be rtn or gptq")
+        if self.w_group_size is not None and not isinstance(self.w_group_size, int):
+            raise ValueError(f"quant.py: --w-group-size={self.w_group_size!r} must be a positive integer or None")
+        check_options(self)
+        for name in ("a_clip_ratio", "kv_clip_ratio"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag_name(name)}={getattr(self, name)}: must be in (0, 1]")
         if self.w_method == "gptq" and self.quantize_weight_every_forward:
             raise ValueError("quant.py: quantize_weight_every_forward re-rounds by RTN at every "
                              "forward, which would undo GPTQ; use w_method='rtn' for QAT")
 
+    @property
+    def quantizes(self) -> bool:
+        return min(self.w_bits, self.a_bits, self.kv_bits) < 16
 
-def _set_module(root: nn.Module, path: str, module: nn.Module):
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent), name, module)
+    def label(self) -> str:
+        """'W4A4', 'W4A4KV4', 'W16A16'."""
+        return f"W{self.w_bits}A{self.a_bits}" + (f"KV{self.kv_bits}" if self.kv_bits < 16 else "")
 
 
 def _quantizable_linear(block: nn.Module, path: str, where: str) -> nn.Module:
@@ -478,9 +478,10 @@ def gptq_quantize_blocks(model: nn.Module, calibration: torch.Tensor, config: Qu
         handle.remove()
 
     for layer_idx, block in enumerate(tqdm(model.layers, desc="GPTQ blocks", disable=not progress)):
-        for group in BLOCK_LINEAR_GROUPS:
-            linears = {path: _quantizable_linear(block, path, f"layers.{layer_idx}.{path}") for path in group}
-            first = linears[group[0]]
+        for shared in BLOCK_INPUTS:  # linears that read one input share its Hessian
+            linears = {path: _quantizable_linear(block, path, f"layers.{layer_idx}.{path}")
+                       for path in shared.linears}
+            first = linears[shared.linears[0]]
             # the linears of a group share one input, hence one Hessian
             hessian = HessianAccumulator(first.weight.shape[1], device)
 
@@ -502,7 +503,7 @@ def gptq_quantize_blocks(model: nn.Module, calibration: torch.Tensor, config: Qu
                 weight = gptq_quantize_weight(
                     linear.weight, H, config.w_bits, config.w_group_size, config.w_symmetric,
                     config.w_clip_search, config.gptq_block_size, config.gptq_damp_ratio, config.gptq_act_order)
-                _set_module(block, path, QuantLinear(weight, getattr(linear, "bias", None)))
+                replace_module(block, path, QuantLinear(weight, getattr(linear, "bias", None)))
         # this block's outputs, with its quantized weights, are the next block's inputs
         block_inputs = [(block(x, *args, **kwargs), args, kwargs) for x, args, kwargs in block_inputs]
 
@@ -546,7 +547,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calib
         if rtn_bits < 16 or config.a_bits < 16:
             for path in BLOCK_LINEARS:
                 linear = _quantizable_linear(block, path, f"layers.{layer_idx}.{path}")
-                _set_module(block, path, QuantLinear.from_linear(
+                replace_module(block, path, QuantLinear.from_linear(
                     linear, rtn_bits, config.a_bits, w_group_size=config.w_group_size,
                     w_symmetric=config.w_symmetric, w_clip_search=config.w_clip_search,
                     quantize_weight_every_forward=config.quantize_weight_every_forward, **activation))

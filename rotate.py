@@ -7,33 +7,335 @@ network's function is unchanged, but an outlier channel is spread over all chann
 Hadamard before down_proj (R4) does the same for the SwiGLU output, and an optional per-head
 Hadamard between v_proj and o_proj (R2) for the attention values.
 
-The file, top to bottom: Hadamard matrices built from Sylvester's and Paley's constructions
-(any n = K * 2^m they reach, else a reported random orthogonal fallback), the fast
-Walsh-Hadamard transform, `rotate_model`, saving and reloading a rotated model, and
-`activation_stats`, which measures the outliers before and after.
+The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, `rotate_model`, saving and
+reloading a rotated model; 2. the random-sign Hadamard matrix and its fast Walsh-Hadamard
+transform; 3. `activation_stats`, which measures the outliers before and after; 4. how the
+Hadamard matrices are built, from Sylvester's and Paley's constructions (any n = K * 2^m they
+reach, else a reported random orthogonal fallback): read it last, or never.
 
     python rotate.py --model smollm2-135m-instruct          # outlier table, original vs rotated
     python rotate.py --sizes 576,1536,11008,29568           # which Hadamard each size gets
 """
-import argparse
 import functools
 import json
 import math
-import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from model import Tokenizer, load_checkpoint, resolve_model_dir, save_checkpoint
+from data.models import resolve_model_dir
+from data.wikitext2.prepare import load_test_text
+from model import (BLOCK_INPUTS, RESIDUAL_WRITERS, Tokenizer, load_checkpoint, option, parse_config,
+                   save_checkpoint)
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches
 
+
 # -----------------------------------------------------------------------------
-# Hadamard matrices: H H^T = n I with entries +-1, built, never stored.
+# 1. Rotating a model in place: fold the norms, R1, R4, R2 (the method)
+
+
+@torch.no_grad()
+def _rewrite(weight: torch.Tensor, fn):
+    """weight <- fn(weight in float64), cast back to its dtype."""
+    weight.copy_(fn(weight.detach().double()).to(weight.dtype))
+
+
+def untie_lm_head(model):
+    """Give lm_head its own copy of the embedding, or R1 would be applied to the shared tensor twice."""
+    if model.lm_head.weight is model.embed_tokens.weight:
+        model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+
+
+def fuse_rmsnorm_into_linears(model):
+    """RMSNorm(x) = g * x / rms(x), and W (g * u) = (W diag(g)) u: move g into the reading
+    linears' columns and set g = 1, so the norm no longer picks out channels and commutes with Q."""
+    def fuse(norm, readers):
+        g = norm.weight.detach().double()
+        for linear in readers:
+            _rewrite(linear.weight, lambda W: W * g)  # (out, d) * (d,): scales column j by g_j
+        _rewrite(norm.weight, torch.ones_like)
+
+    for layer in model.layers:
+        for shared in BLOCK_INPUTS:
+            if shared.reads_residual:  # input_layernorm -> q, k, v; post_attention_layernorm -> gate, up
+                fuse(layer.get_submodule(shared.source), [layer.get_submodule(p) for p in shared.linears])
+    fuse(model.norm, [model.lm_head])
+
+
+def rotate_residual_stream(model, seed: int):
+    """R1: the residual stream x -> x Q, Q = random_hadamard(hidden, seed) = M diag(s).
+
+    Embedding rows and readers' rows live in the residual space: W <- W Q = (W M) diag(s).
+    Writers produce it: W <- Q^T W = diag(s) M^T W. Both via the fast transform (x @ M)."""
+    s = random_signs(model.config.hidden_size, seed).to(model.embed_tokens.weight.device)
+    times_Q = lambda W: walsh_hadamard_transform(W, transpose=True) * s            # W @ Q
+    Q_T_times = lambda W: walsh_hadamard_transform(W.T, transpose=True).T * s[:, None]  # Q^T @ W
+    readers = [path for shared in BLOCK_INPUTS if shared.reads_residual for path in shared.linears]
+    _rewrite(model.embed_tokens.weight, times_Q)
+    for layer in model.layers:
+        for path in readers:
+            _rewrite(layer.get_submodule(path).weight, times_Q)
+        for path in RESIDUAL_WRITERS:
+            _rewrite(layer.get_submodule(path).weight, Q_T_times)
+    _rewrite(model.lm_head.weight, times_Q)
+
+
+def add_online_down_proj_hadamard(model):
+    """R4: down_proj sees z M^T (online) and its weight becomes W M^T, so (z M^T)(W M^T)^T = z W^T.
+    W M^T is the transform of W's rows, which live in the down_proj input space."""
+    for layer in model.layers:
+        _rewrite(layer.mlp.down_proj.weight, walsh_hadamard_transform)
+        layer.mlp.down_input_transform = OnlineHadamard(model.config.intermediate_size)
+
+
+def rotate_values_per_head(model):
+    """R2: value head v_h -> P v_h (v_proj's rows), o_proj's columns of each query head -> W_o[:, h] P^T.
+    Attention mixes a head's values across tokens only, which commutes with P. One P (the
+    orthonormal Hadamard of head_dim) for all heads: under GQA every query head undoes exactly the
+    rotation of the KV head it reads."""
+    n_kv, hd = model.config.num_key_value_heads, model.config.head_dim
+    n_heads = model.config.num_attention_heads
+    for layer in model.layers:
+        attn = layer.self_attn
+        # (P W_h)^T = W_h^T P^T: transform W_h^T's rows. (n_kv * hd, d) -> (n_kv, d, hd)
+        _rewrite(attn.v_proj.weight, lambda W: walsh_hadamard_transform(
+            W.view(n_kv, hd, -1).transpose(1, 2)).transpose(1, 2).reshape(n_kv * hd, -1))
+        _rewrite(attn.o_proj.weight, lambda W: walsh_hadamard_transform(
+            W.view(-1, n_heads, hd)).reshape(W.shape))  # (d, nh, hd): columns of each head
+
+
+@torch.no_grad()
+def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov: bool = False) -> dict:
+    """Rotate a plain model in place; returns the record (also kept as model.rotation)."""
+    if getattr(model, "rotation", None) is not None or any(
+            not isinstance(layer.mlp.down_input_transform, nn.Identity) for layer in model.layers):
+        raise ValueError("rotate_model: this model is already rotated (or has a down_proj input "
+                         "transform); rotate a plain model")
+    cfg = model.config
+    untie_lm_head(model)
+    fuse_rmsnorm_into_linears(model)
+    rotate_residual_stream(model, seed)
+    if online_down_proj:
+        add_online_down_proj_hadamard(model)
+    if rotate_ov:
+        rotate_values_per_head(model)
+    used = [(cfg.hidden_size, "R1 residual")]
+    used += [(cfg.intermediate_size, "R4 down_proj input")] if online_down_proj else []
+    used += [(cfg.head_dim, "R2 per-head values")] if rotate_ov else []
+    fallbacks = [{"size": n, "used_for": what, "transform": hadamard_plan(n).describe()}
+                 for n, what in used if not hadamard_plan(n).exact]
+    model.rotation = {"seed": seed, "r1": "random_hadamard", "r4": online_down_proj, "r2": rotate_ov,
+                      "fallbacks": fallbacks, "hidden_size": cfg.hidden_size,
+                      "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim,
+                      "transforms": {what: hadamard_plan(n).describe() for n, what in used}}
+    return model.rotation
+
+
+def save_rotated(model, record: dict, path):
+    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record).
+    Note: with R4 the checkpoint alone is not a plain LLaMA; it needs the online Hadamard."""
+    save_checkpoint(model, path)
+    (Path(path) / "rotation.json").write_text(json.dumps(record, indent=2))
+
+
+def load_rotated(path, dtype=torch.float32):
+    """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
+    record names. The weights are already rotated: they are not rotated again."""
+    path = Path(path)
+    record_file = path / "rotation.json"
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file}: no rotation record; was this saved by save_rotated?")
+    record = json.loads(record_file.read_text())
+    model = load_checkpoint(path, dtype=dtype)
+    cfg = model.config
+    for key in ("hidden_size", "intermediate_size", "head_dim"):
+        if record[key] != getattr(cfg, key):
+            raise ValueError(f"{record_file}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
+    if record["r4"]:
+        for layer in model.layers:
+            layer.mlp.down_input_transform = OnlineHadamard(cfg.intermediate_size)
+    model.rotation = record
+    return model, record
+
+
+# -----------------------------------------------------------------------------
+# 2. The rotation itself: a random-sign Hadamard matrix and its fast transform
+def walsh_hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x @ M.T along the last dim (x @ M if transpose), M = hadamard_transform_matrix(n), orthonormal.
+
+    Any leading shape; half-precision inputs are computed in float32 and cast back; differentiable.
+    Costs O(n (B + log n)) per row instead of the dense O(n^2)."""
+    return _WalshHadamard.apply(x, transpose)
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """n random +-1 (float64) from a seeded CPU generator: the same on every machine."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+
+
+def random_hadamard(n: int, seed: int) -> torch.Tensor:
+    """R1 = H diag(s) / sqrt(n) (n, n) float64, orthogonal, s = random_signs(n, seed)."""
+    return hadamard_transform_matrix(n) * random_signs(n, seed)
+
+
+class OnlineHadamard(nn.Module):
+    """x -> walsh_hadamard_transform(x): the run-time half of R4 (down_proj.weight holds the other)."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size = size
+
+    def forward(self, x):
+        return walsh_hadamard_transform(x)
+
+    def extra_repr(self):
+        return f"size={self.size}: {hadamard_plan(self.size).describe()}"
+
+
+# The fast transform, inside:
+# M = Sylvester(2^m) (x) F_K / sqrt(n). Split 2^m = G * S: M = Sylvester(G) (x) [Sylvester(S) (x) F_K].
+# The bracket is one dense block of width B = S * K <= DENSE_BLOCK, applied by one matmul over
+# contiguous length-B pieces; Sylvester(G) is log2(G) butterfly passes (a, b) -> (a + b, a - b).
+# Why not butterflies all the way down: each pass reads and writes the whole tensor, while a
+# 128-wide block does seven passes' work in one BLAS call with the traffic of one.
+DENSE_BLOCK = 128
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_block(n: int, transpose: bool, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(B, B) right factor for the dense part: x_block @ it, the 1/sqrt(n) of M folded in."""
+    plan = hadamard_plan(n)
+    S = 1
+    while plan.power_of_two % (2 * S) == 0 and 2 * S * plan.K <= DENSE_BLOCK:
+        S *= 2
+    block = torch.kron(_sylvester(S).double(), _factor_matrix(plan.K)) / math.sqrt(n)
+    return (block if transpose else block.T).contiguous().to(dtype=dtype, device=device)
+
+
+def _fast_transform(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """walsh_hadamard_transform without autograd: one dense-block matmul, then the butterflies."""
+    n = x.shape[-1]
+    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    dense = _dense_block(n, transpose, compute_dtype, str(x.device))
+    B = dense.shape[0]
+    G = n // B  # Sylvester order left for the butterflies
+    with torch.autocast(x.device.type, enabled=False):  # keep the matmul in compute_dtype under AMP
+        y = torch.matmul(x.reshape(-1, B).to(compute_dtype), dense).view(-1, G, B)  # (L, G, B)
+    L = y.shape[0]
+    spare = torch.empty_like(y)  # butterflies ping-pong between two buffers: no allocation per pass
+    h = 1
+    while h < G:  # pass h pairs block g with g + h inside each group of 2h blocks
+        src, dst = y.view(L, G // (2 * h), 2, h * B), spare.view(L, G // (2 * h), 2, h * B)
+        torch.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
+        torch.sub(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        y, spare = spare, y
+        h *= 2
+    return y.view(x.shape).to(x.dtype)
+
+
+class _WalshHadamard(torch.autograd.Function):
+    """y = x M^T is linear, so dL/dx = dL/dy M: the transposed transform (itself differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, transpose):
+        ctx.transpose = transpose
+        return _fast_transform(x, transpose)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _WalshHadamard.apply(grad, not ctx.transpose), None
+
+
+# -----------------------------------------------------------------------------
+# 3. Measuring outliers
+
+
+def outlier_stats(x: torch.Tensor) -> dict:
+    """Per token over the channels (what a per-token quantizer sees): the largest max|x|/RMS
+    over the tokens (its scale is set by the max; bounded by sqrt(channels)) and the mean
+    kurtosis (3 for a Gaussian; large when a few channels dominate)."""
+    x = x.detach().double().reshape(-1, x.shape[-1])  # (tokens, channels)
+    rms = x.pow(2).mean(-1).sqrt()
+    centered = x - x.mean(-1, keepdim=True)
+    kurtosis = centered.pow(4).mean(-1) / centered.pow(2).mean(-1).pow(2)
+    return {"max_over_rms": (x.abs().amax(-1) / rms).max().item(), "kurtosis": kurtosis.mean().item()}
+
+
+# what each linear's input is called in the table; q, k, v share one input, gate and up another
+SITES = {shared.linears[0]: name for shared, name in zip(BLOCK_INPUTS, ("attn_in", "o_proj_in", "mlp_in", "down_in"))}
+
+
+@torch.no_grad()
+def activation_stats(model, tokens: torch.Tensor) -> list[dict]:
+    """Rows {layer, site, max_over_rms, kurtosis} for the residual stream entering each block and
+    each linear's input (down_in is taken after the online Hadamard, as down_proj sees it)."""
+    rows, hooks = [], []
+
+    def record(layer, site):
+        def hook(module, args):
+            rows.append({"layer": layer, "site": site, **outlier_stats(args[0])})
+        return hook
+
+    for i, block in enumerate(model.layers):
+        hooks.append(block.register_forward_pre_hook(record(i, "residual")))
+        hooks += [block.get_submodule(name).register_forward_pre_hook(record(i, site))
+                  for name, site in SITES.items()]
+    try:
+        model(tokens.view(1, -1) if tokens.dim() == 1 else tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
+
+
+def print_table(before: list[dict], after: list[dict]):
+    sites = ["residual", *SITES.values()]
+    print("max|x|/RMS of the worst token and mean kurtosis, original > rotated")
+    print(f"{'layer':>5} " + " ".join(f"{s:>19}" for s in sites))
+    table = {(r["layer"], r["site"], tag): r for tag, rows in (("a", before), ("b", after)) for r in rows}
+    for layer in sorted({r["layer"] for r in before}):
+        cells = []
+        for s in sites:
+            a, b = table[(layer, s, "a")], table[(layer, s, "b")]
+            cells.append(f"{a['max_over_rms']:5.1f}>{b['max_over_rms']:4.1f} "
+                         f"k{a['kurtosis']:4.0f}>{b['kurtosis']:2.0f}")
+        print(f"{layer:>5} " + " ".join(f"{c:>19}" for c in cells))
+    for tag, rows in (("original", before), ("rotated", after)):
+        worst = max((r for r in rows if r["site"] != "residual"), key=lambda r: r["max_over_rms"])
+        print(f"{tag:>8}: largest max|x|/RMS over linear inputs {worst['max_over_rms']:.1f} "
+              f"(layer {worst['layer']} {worst['site']}), "
+              f"mean kurtosis {sum(r['kurtosis'] for r in rows) / len(rows):.1f}")
+
+
+def plot_outliers(before: list[dict], after: list[dict], path: Path):
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print(f"matplotlib is not installed: no plot written (would be {path})")
+    sites = ["residual", *SITES.values()]
+    fig, axes = plt.subplots(1, len(sites), figsize=(4 * len(sites), 3.2), sharey=True)
+    for ax, site in zip(axes, sites):
+        for tag, rows in (("original", before), ("rotated", after)):
+            points = [(r["layer"], r["max_over_rms"]) for r in rows if r["site"] == site]
+            ax.plot(*zip(*points), "o-", label=tag)
+        ax.set(title=site, xlabel="layer", yscale="log")
+    axes[0].set(ylabel="max |x| / RMS (worst token)")
+    axes[0].legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# 4. Hadamard matrices: H H^T = n I with entries +-1, built, never stored.
 # A Hadamard matrix can exist only for n = 1, 2 or a multiple of 4. We write n = K * 2^m,
 # build H_K from Paley's constructions (or Kronecker products of them) and take
 # H_n = H_{2^m} (x) H_K with Sylvester's H_{2^m}: the 2^m part then costs only butterflies.
@@ -221,343 +523,26 @@ def hadamard_transform_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# The fast transform
-# M = Sylvester(2^m) (x) F_K / sqrt(n). Split 2^m = G * S: M = Sylvester(G) (x) [Sylvester(S) (x) F_K].
-# The bracket is one dense block of width B = S * K <= DENSE_BLOCK, applied by one matmul over
-# contiguous length-B pieces; Sylvester(G) is log2(G) butterfly passes (a, b) -> (a + b, a - b).
-# Why not butterflies all the way down: each pass reads and writes the whole tensor, while a
-# 128-wide block does seven passes' work in one BLAS call with the traffic of one.
-DENSE_BLOCK = 128
-
-
-@functools.lru_cache(maxsize=64)
-def _dense_block(n: int, transpose: bool, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """(B, B) right factor for the dense part: x_block @ it, the 1/sqrt(n) of M folded in."""
-    plan = hadamard_plan(n)
-    S = 1
-    while plan.power_of_two % (2 * S) == 0 and 2 * S * plan.K <= DENSE_BLOCK:
-        S *= 2
-    block = torch.kron(_sylvester(S).double(), _factor_matrix(plan.K)) / math.sqrt(n)
-    return (block if transpose else block.T).contiguous().to(dtype=dtype, device=device)
-
-
-def _fast_transform(x: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """walsh_hadamard_transform without autograd: one dense-block matmul, then the butterflies."""
-    n = x.shape[-1]
-    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    dense = _dense_block(n, transpose, compute_dtype, str(x.device))
-    B = dense.shape[0]
-    G = n // B  # Sylvester order left for the butterflies
-    with torch.autocast(x.device.type, enabled=False):  # keep the matmul in compute_dtype under AMP
-        y = torch.matmul(x.reshape(-1, B).to(compute_dtype), dense).view(-1, G, B)  # (L, G, B)
-    L = y.shape[0]
-    spare = torch.empty_like(y)  # butterflies ping-pong between two buffers: no allocation per pass
-    h = 1
-    while h < G:  # pass h pairs block g with g + h inside each group of 2h blocks
-        src, dst = y.view(L, G // (2 * h), 2, h * B), spare.view(L, G // (2 * h), 2, h * B)
-        torch.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
-        torch.sub(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
-        y, spare = spare, y
-        h *= 2
-    return y.view(x.shape).to(x.dtype)
-
-
-class _WalshHadamard(torch.autograd.Function):
-    """y = x M^T is linear, so dL/dx = dL/dy M: the transposed transform (itself differentiable)."""
-
-    @staticmethod
-    def forward(ctx, x, transpose):
-        ctx.transpose = transpose
-        return _fast_transform(x, transpose)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _WalshHadamard.apply(grad, not ctx.transpose), None
-
-
-def walsh_hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """x @ M.T along the last dim (x @ M if transpose), M = hadamard_transform_matrix(n), orthonormal.
-
-    Any leading shape; half-precision inputs are computed in float32 and cast back; differentiable.
-    Costs O(n (B + log n)) per row instead of the dense O(n^2)."""
-    return _WalshHadamard.apply(x, transpose)
-
-
-def random_signs(n: int, seed: int) -> torch.Tensor:
-    """n random +-1 (float64) from a seeded CPU generator: the same on every machine."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
-
-
-def random_hadamard(n: int, seed: int) -> torch.Tensor:
-    """R1 = H diag(s) / sqrt(n) (n, n) float64, orthogonal, s = random_signs(n, seed)."""
-    return hadamard_transform_matrix(n) * random_signs(n, seed)
-
-
-class OnlineHadamard(nn.Module):
-    """x -> walsh_hadamard_transform(x): the run-time half of R4 (down_proj.weight holds the other)."""
-
-    def __init__(self, size: int):
-        super().__init__()
-        self.size = size
-
-    def forward(self, x):
-        return walsh_hadamard_transform(x)
-
-    def extra_repr(self):
-        return f"size={self.size}: {hadamard_plan(self.size).describe()}"
-
-
-# -----------------------------------------------------------------------------
-# Rotating a model in place
-
-
-@torch.no_grad()
-def _rewrite(weight: torch.Tensor, fn):
-    """weight <- fn(weight in float64), cast back to its dtype."""
-    weight.copy_(fn(weight.detach().double()).to(weight.dtype))
-
-
-def untie_lm_head(model):
-    """Give lm_head its own copy of the embedding, or R1 would be applied to the shared tensor twice."""
-    if model.lm_head.weight is model.embed_tokens.weight:
-        model.lm_head.weight = nn.Parameter(model.embed_tokens.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-
-
-def fuse_rmsnorm_into_linears(model):
-    """RMSNorm(x) = g * x / rms(x), and W (g * u) = (W diag(g)) u: move g into the reading
-    linears' columns and set g = 1, so the norm no longer picks out channels and commutes with Q."""
-    def fuse(norm, readers):
-        g = norm.weight.detach().double()
-        for linear in readers:
-            _rewrite(linear.weight, lambda W: W * g)  # (out, d) * (d,): scales column j by g_j
-        _rewrite(norm.weight, torch.ones_like)
-
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        fuse(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj])
-        fuse(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])
-    fuse(model.norm, [model.lm_head])
-
-
-def rotate_residual_stream(model, seed: int):
-    """R1: the residual stream x -> x Q, Q = random_hadamard(hidden, seed) = M diag(s).
-
-    Embedding rows and readers' rows live in the residual space: W <- W Q = (W M) diag(s).
-    Writers produce it: W <- Q^T W = diag(s) M^T W. Both via the fast transform (x @ M)."""
-    s = random_signs(model.config.hidden_size, seed).to(model.embed_tokens.weight.device)
-    times_Q = lambda W: walsh_hadamard_transform(W, transpose=True) * s            # W @ Q
-    Q_T_times = lambda W: walsh_hadamard_transform(W.T, transpose=True).T * s[:, None]  # Q^T @ W
-    _rewrite(model.embed_tokens.weight, times_Q)
-    for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for reader in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _rewrite(reader.weight, times_Q)
-        for writer in (attn.o_proj, mlp.down_proj):
-            _rewrite(writer.weight, Q_T_times)
-    _rewrite(model.lm_head.weight, times_Q)
-
-
-def add_online_down_proj_hadamard(model):
-    """R4: down_proj sees z M^T (online) and its weight becomes W M^T, so (z M^T)(W M^T)^T = z W^T.
-    W M^T is the transform of W's rows, which live in the down_proj input space."""
-    for layer in model.layers:
-        _rewrite(layer.mlp.down_proj.weight, walsh_hadamard_transform)
-        layer.mlp.down_input_transform = OnlineHadamard(model.config.intermediate_size)
-
-
-def rotate_values_per_head(model):
-    """R2: value head v_h -> P v_h (v_proj's rows), o_proj's columns of each query head -> W_o[:, h] P^T.
-    Attention mixes a head's values across tokens only, which commutes with P. One P (the
-    orthonormal Hadamard of head_dim) for all heads: under GQA every query head undoes exactly the
-    rotation of the KV head it reads."""
-    n_kv, hd = model.config.num_key_value_heads, model.config.head_dim
-    n_heads = model.config.num_attention_heads
-    for layer in model.layers:
-        attn = layer.self_attn
-        # (P W_h)^T = W_h^T P^T: transform W_h^T's rows. (n_kv * hd, d) -> (n_kv, d, hd)
-        _rewrite(attn.v_proj.weight, lambda W: walsh_hadamard_transform(
-            W.view(n_kv, hd, -1).transpose(1, 2)).transpose(1, 2).reshape(n_kv * hd, -1))
-        _rewrite(attn.o_proj.weight, lambda W: walsh_hadamard_transform(
-            W.view(-1, n_heads, hd)).reshape(W.shape))  # (d, nh, hd): columns of each head
-
-
-@torch.no_grad()
-def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov: bool = False) -> dict:
-    """Rotate a plain model in place; returns the record (also kept as model.rotation)."""
-    if getattr(model, "rotation", None) is not None or any(
-            not isinstance(layer.mlp.down_input_transform, nn.Identity) for layer in model.layers):
-        raise ValueError("rotate_model: this model is already rotated (or has a down_proj input "
-                         "transform); rotate a plain model")
-    cfg = model.config
-    untie_lm_head(model)
-    fuse_rmsnorm_into_linears(model)
-    rotate_residual_stream(model, seed)
-    if online_down_proj:
-        add_online_down_proj_hadamard(model)
-    if rotate_ov:
-        rotate_values_per_head(model)
-    used = [(cfg.hidden_size, "R1 residual")]
-    used += [(cfg.intermediate_size, "R4 down_proj input")] if online_down_proj else []
-    used += [(cfg.head_dim, "R2 per-head values")] if rotate_ov else []
-    fallbacks = [{"size": n, "used_for": what, "transform": hadamard_plan(n).describe()}
-                 for n, what in used if not hadamard_plan(n).exact]
-    model.rotation = {"seed": seed, "r1": "random_hadamard", "r4": online_down_proj, "r2": rotate_ov,
-                      "fallbacks": fallbacks, "hidden_size": cfg.hidden_size,
-                      "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim,
-                      "transforms": {what: hadamard_plan(n).describe() for n, what in used}}
-    return model.rotation
-
-
-def save_rotated(model, record: dict, path):
-    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record).
-    Note: with R4 the checkpoint alone is not a plain LLaMA; it needs the online Hadamard."""
-    save_checkpoint(model, path)
-    (Path(path) / "rotation.json").write_text(json.dumps(record, indent=2))
-
-
-def load_rotated(path, dtype=torch.float32):
-    """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
-    record names. The weights are already rotated: they are not rotated again."""
-    path = Path(path)
-    record_file = path / "rotation.json"
-    if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file}: no rotation record; was this saved by save_rotated?")
-    record = json.loads(record_file.read_text())
-    model = load_checkpoint(path, dtype=dtype)
-    cfg = model.config
-    for key in ("hidden_size", "intermediate_size", "head_dim"):
-        if record[key] != getattr(cfg, key):
-            raise ValueError(f"{record_file}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
-    if record["r4"]:
-        for layer in model.layers:
-            layer.mlp.down_input_transform = OnlineHadamard(cfg.intermediate_size)
-    model.rotation = record
-    return model, record
-
-
-# -----------------------------------------------------------------------------
-# Measuring outliers
-
-
-def outlier_stats(x: torch.Tensor) -> dict:
-    """Per token over the channels (what a per-token quantizer sees): the largest max|x|/RMS
-    over the tokens (its scale is set by the max; bounded by sqrt(channels)) and the mean
-    kurtosis (3 for a Gaussian; large when a few channels dominate)."""
-    x = x.detach().double().reshape(-1, x.shape[-1])  # (tokens, channels)
-    rms = x.pow(2).mean(-1).sqrt()
-    centered = x - x.mean(-1, keepdim=True)
-    kurtosis = centered.pow(4).mean(-1) / centered.pow(2).mean(-1).pow(2)
-    return {"max_over_rms": (x.abs().amax(-1) / rms).max().item(), "kurtosis": kurtosis.mean().item()}
-
-
-# what each linear's input is called in the table; q, k, v share one input, gate and up another
-SITES = {"self_attn.q_proj": "attn_in", "self_attn.o_proj": "o_proj_in",
-         "mlp.gate_proj": "mlp_in", "mlp.down_proj": "down_in"}
-
-
-@torch.no_grad()
-def activation_stats(model, tokens: torch.Tensor) -> list[dict]:
-    """Rows {layer, site, max_over_rms, kurtosis} for the residual stream entering each block and
-    each linear's input (down_in is taken after the online Hadamard, as down_proj sees it)."""
-    rows, hooks = [], []
-
-    def record(layer, site):
-        def hook(module, args):
-            rows.append({"layer": layer, "site": site, **outlier_stats(args[0])})
-        return hook
-
-    for i, block in enumerate(model.layers):
-        hooks.append(block.register_forward_pre_hook(record(i, "residual")))
-        hooks += [block.get_submodule(name).register_forward_pre_hook(record(i, site))
-                  for name, site in SITES.items()]
-    try:
-        model(tokens.view(1, -1) if tokens.dim() == 1 else tokens)
-    finally:
-        for h in hooks:
-            h.remove()
-    return rows
-
-
-def default_text() -> str:
-    """WikiText-2 test text: prepared by data/wikitext2/prepare.py or read from the mirror."""
-    mirror = Path(os.environ.get("ROLORA_MIRROR") or ROOT.parent / "shared" / "assets")
-    candidates = [ROOT / "data" / "wikitext2" / "test.txt", mirror / "data" / "wikitext2" / "wiki.test.raw"]
-    for path in candidates:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    raise FileNotFoundError(f"no WikiText-2 text at {[str(c) for c in candidates]}; pass --text FILE")
-
-
-def print_table(before: list[dict], after: list[dict]):
-    sites = ["residual", *SITES.values()]
-    print("max|x|/RMS of the worst token and mean kurtosis, original > rotated")
-    print(f"{'layer':>5} " + " ".join(f"{s:>19}" for s in sites))
-    table = {(r["layer"], r["site"], tag): r for tag, rows in (("a", before), ("b", after)) for r in rows}
-    for layer in sorted({r["layer"] for r in before}):
-        cells = []
-        for s in sites:
-            a, b = table[(layer, s, "a")], table[(layer, s, "b")]
-            cells.append(f"{a['max_over_rms']:5.1f}>{b['max_over_rms']:4.1f} "
-                         f"k{a['kurtosis']:4.0f}>{b['kurtosis']:2.0f}")
-        print(f"{layer:>5} " + " ".join(f"{c:>19}" for c in cells))
-    for tag, rows in (("original", before), ("rotated", after)):
-        worst = max((r for r in rows if r["site"] != "residual"), key=lambda r: r["max_over_rms"])
-        print(f"{tag:>8}: largest max|x|/RMS over linear inputs {worst['max_over_rms']:.1f} "
-              f"(layer {worst['layer']} {worst['site']}), "
-              f"mean kurtosis {sum(r['kurtosis'] for r in rows) / len(rows):.1f}")
-
-
-def plot_outliers(before: list[dict], after: list[dict], path: Path):
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print(f"matplotlib is not installed: no plot written (would be {path})")
-    sites = ["residual", *SITES.values()]
-    fig, axes = plt.subplots(1, len(sites), figsize=(4 * len(sites), 3.2), sharey=True)
-    for ax, site in zip(axes, sites):
-        for tag, rows in (("original", before), ("rotated", after)):
-            points = [(r["layer"], r["max_over_rms"]) for r in rows if r["site"] == site]
-            ax.plot(*zip(*points), "o-", label=tag)
-        ax.set(title=site, xlabel="layer", yscale="log")
-    axes[0].set(ylabel="max |x| / RMS (worst token)")
-    axes[0].legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
-# -----------------------------------------------------------------------------
 # Command line
 
 
 @dataclass
-class RotateArgs:
-    model: str = field(default="stories260K", metadata={"help": "checkpoint dir or prepared model name"})
-    seed: int = field(default=0, metadata={"help": "seed of R1's random signs"})
-    online_down_proj: bool = field(default=True, metadata={"help": "R4: online Hadamard before down_proj"})
-    rotate_ov: bool = field(default=False, metadata={"help": "R2: per-head Hadamard on values"})
-    tokens: int = field(default=256, metadata={"help": "how many WikiText-2 tokens to measure on"})
-    text: str = field(default="", metadata={"help": "text file to measure on (default: WikiText-2 test)"})
-    plot: str = field(default="out/rotate_outliers.png", metadata={"help": "PNG of per-layer ratios"})
-    sizes: str = field(default="", metadata={"help": "comma-separated sizes: print their plans, exit"})
+class RotateConfig:
+    model: str = option("stories260K", "checkpoint dir or prepared model name")
+    seed: int = option(0, "seed of R1's random signs")
+    online_down_proj: bool = option(True, "R4: online Hadamard before down_proj")
+    rotate_ov: bool = option(False, "R2: per-head Hadamard on values")
+    tokens: int = option(256, "how many WikiText-2 tokens to measure on", at_least=1)
+    text: str = option("", "text file to measure on (default: WikiText-2 test)")
+    plot: str = option("out/rotate_outliers.png", "PNG of per-layer ratios")
+    sizes: str = option("", "comma-separated sizes: print their plans, exit")
 
 
-def parse_args(argv=None) -> RotateArgs:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(RotateArgs):
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata["help"]
-        if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_)
-        else:
-            p.add_argument(flag, type=f.type, default=f.default, help=help_)
-    return RotateArgs(**vars(p.parse_args(argv)))
+def parse_args(argv=None) -> RotateConfig:
+    return parse_config(RotateConfig(), argv, prog="rotate.py", description=__doc__.splitlines()[0])
 
 
-def main(args: RotateArgs):
+def main(args: RotateConfig):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.sizes:
         for n in (int(s) for s in args.sizes.split(",")):
@@ -566,7 +551,7 @@ def main(args: RotateArgs):
         return
     model_dir = resolve_model_dir(args.model)
     model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_text()
+    text = Path(args.text).read_text(encoding="utf-8") if args.text else load_test_text()
     tokens = torch.tensor(tok.encode(text[: 20 * args.tokens])[: args.tokens])
     print(f"{model_dir.name}: {len(tokens)} tokens of {args.text or 'WikiText-2 test'}")
     before = activation_stats(model, tokens)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
-from model import Tokenizer, load_checkpoint, resolve_model_dir  # noqa: E402
+from data.models import resolve_model_dir  # noqa: E402
+from model import Tokenizer, load_checkpoint  # noqa: E402
 
 
 @torch.inference_mode()

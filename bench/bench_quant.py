@@ -28,7 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model import Tokenizer, load_checkpoint, resolve_model_dir  # noqa: E402
+from data.models import resolve_model_dir  # noqa: E402
+from data.wikitext2.prepare import load_test_text  # noqa: E402
+from model import Tokenizer, load_checkpoint  # noqa: E402
 from quant import calibration_text, calibration_windows, quantize_model  # noqa: E402
 
 PPL_SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]  # (w_bits, a_bits)
@@ -84,7 +86,7 @@ def speed(model, tokenizer, args):
 def perplexities(model, tokenizer, args):
     import eval as ev  # the evaluation's own perplexity, so the numbers match eval.py's
 
-    text = ev.load_wikitext2_test()
+    text = load_test_text()
     ppl = lambda m: ev.perplexity(m, tokenizer, text, args.seq_len, args.ppl_windows, progress=False)  # noqa: E731
     windows = calibration(tokenizer, args)
     bases = {"no rotation": model}

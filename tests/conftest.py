@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, load_script
+from helpers import ROOT
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -22,7 +22,8 @@ def _prepared(name: str) -> Path:
     ready = (target / "config.json").is_file() and (target / "model.safetensors").is_file()
     if not ready and "ROLORA_MIRROR" not in os.environ:
         pytest.skip(f"{name}: no ROLORA_MIRROR and no prepared {target}")
-    return load_script("data/models/prepare.py").prepare_model(name)  # returns at once when ready
+    from data.models.prepare import prepare_model
+    return prepare_model(name)  # returns at once when ready
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
-"""Small shared pieces for the tests: tiny random models and loading the prepare scripts."""
-import importlib.util
+"""Small shared pieces for the tests: the repository on sys.path and tiny random models."""
 import sys
 from pathlib import Path
 
@@ -32,16 +31,3 @@ def tiny_model(seed: int = 0, dtype=torch.float32, **overrides) -> Transformer:
             else:
                 p.normal_(0.0, 0.1)
     return model.to(dtype).eval()
-
-
-def load_script(relative_path: str):
-    """Import a script such as data/models/prepare.py by path (data/ is not a package)."""
-    path = ROOT / relative_path
-    name = "script_" + relative_path.replace("/", "_").removesuffix(".py")
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module

@@ -12,14 +12,13 @@ import re
 
 import pytest
 
-from helpers import load_script
-
-commonsense = load_script("data/commonsense/prepare.py")
-hellaswag = load_script("data/hellaswag/prepare.py")
-alpaca = load_script("data/alpaca/prepare.py")
-tinystories = load_script("data/tinystories/prepare.py")
-wikitext2 = load_script("data/wikitext2/prepare.py")
-from data import mirror as data_mirror  # noqa: E402  (helpers put the repository root on sys.path)
+import helpers  # noqa: F401  (puts the repository root on sys.path)
+from data import mirror as data_mirror
+from data.alpaca import prepare as alpaca
+from data.commonsense import prepare as commonsense
+from data.hellaswag import prepare as hellaswag
+from data.tinystories import prepare as tinystories
+from data.wikitext2 import prepare as wikitext2
 
 
 @pytest.fixture

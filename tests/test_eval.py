@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import eval as ev
-from helpers import load_script, tiny_model
+from data.wikitext2.prepare import load_test_text
+from helpers import tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -242,12 +243,12 @@ def test_unknown_task_is_a_clear_error():
 
 @pytest.mark.parametrize("flags,message", [
     (["--tasks", "arc"], "unknown task 'arc'"),
-    (["--bits", "1"], "--w-bits=1 must be an integer from 2 to 16"),
+    (["--bits", "1"], "--bits=1 must be an integer from 2 to 16"),
     (["--kv-bits", "17"], "--kv-bits=17 must be an integer from 2 to 16"),
     (["--seq-len", "0"], "--seq-len=0: must be at least 2"),
-    (["--limit", "-3"], "--limit=-3: must be at least 0"),
+    (["--limit", "-3"], "--limit=-3: must be at least 1 (0 or none: all)"),
     (["--batch-size", "0"], "--batch-size=0"),
-    (["--n-calibration", "0"], "--n-calibration=0"),
+    (["--calib-windows", "0"], "--calib-windows=0"),
     (["--calibration", "/no/such/file.json"], "--calibration /no/such/file.json: no such file"),
 ])
 def test_bad_flags_are_one_line_errors_before_anything_loads(flags, message, monkeypatch, capsys):
@@ -281,7 +282,7 @@ def test_missing_mirror_file_is_a_clear_error(task, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=f"{expected} not found in the mirror"):
         ev.load_task(task, data_dir=tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="wiki.test.raw not found in the mirror"):
-        ev.load_wikitext2_test(data_dir=tmp_path / "data")
+        load_test_text(tmp_path / "data" / "wikitext2")
 
 
 # -----------------------------------------------------------------------------
@@ -322,9 +323,10 @@ def test_every_mirror_record_parses(tmp_path):
     rendering the parsed record again gives back the raw instruction, character for character."""
     if not MIRROR.is_dir():
         pytest.skip("no ROLORA_MIRROR")
-    commonsense = load_script("data/commonsense/prepare.py")
+    from data.commonsense import prepare as commonsense
     paths = commonsense.prepare(tmp_path)
-    paths["hellaswag"] = load_script("data/hellaswag/prepare.py").prepare(tmp_path)
+    from data.hellaswag import prepare as hellaswag
+    paths["hellaswag"] = hellaswag.prepare(tmp_path)
     assert set(paths) == set(EXPECTED_COUNTS)
     for task, path in paths.items():
         records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -349,7 +351,7 @@ def test_every_mirror_record_parses(tmp_path):
 def test_hellaswag_context_restores_the_harness_capital(tmp_path):
     if not MIRROR.is_dir():
         pytest.skip("no ROLORA_MIRROR")
-    hellaswag = load_script("data/hellaswag/prepare.py")
+    from data.hellaswag import prepare as hellaswag
     records = [json.loads(x) for x in hellaswag.prepare(tmp_path).read_text().splitlines()]
     lines = hellaswag.read_text(MIRROR / "data" / "hellaswag" / "hellaswag_val_full.txt.bz2").split("\n")
     assert records[0]["context"] == "Roof shingle removal: A man is sitting on a roof. He"  # "he".capitalize()
@@ -413,7 +415,7 @@ def test_rotate_and_quantize_flags_reach_the_model(stories_dir):
     idx = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
 
     def prepared(*flags):
-        model, _, _ = ev.prepare_model(ev.parse_args(common + list(flags)))
+        model, _, _ = ev.load_and_quantize(ev.parse_args(common + list(flags)))
         with torch.no_grad():
             return model, model(idx)
 
@@ -425,7 +427,7 @@ def test_rotate_and_quantize_flags_reach_the_model(stories_dir):
     assert (rotated_logits - plain_logits).abs().max() < 1e-4  # rotation is exact (fp32 rounding)
 
     args = ev.parse_args(common + ["--rotate", "--bits", "4"])
-    assert (args.w_bits, args.a_bits, args.kv_bits) == (4, 4, 16)
+    assert (args.quant.w_bits, args.quant.a_bits, args.quant.kv_bits) == (4, 4, 16)
     quantized, quantized_logits = prepared("--rotate", "--bits", "4")
     assert any(type(m).__name__ == "QuantLinear" for m in quantized.modules())
     _, unrotated_quantized_logits = prepared("--bits", "4")

@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, load_script
+from data.models import prepare
+from helpers import ROOT
 from model import Tokenizer
-
-prepare = load_script("data/models/prepare.py")
 
 STORIES_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in "
                 "the park. One day, she saw a big, red ball. She wanted to play with it, but it was "

@@ -14,16 +14,17 @@ from safetensors.torch import load_file
 
 import train
 from helpers import ROOT, tiny_model
+from model import option_names, replace_options
 
 
 def quick_config(tmp_path, **overrides) -> train.TrainConfig:
     """Seconds-long settings: tiny model, short sequences, no zero-shot tasks unless asked."""
     settings = dict(model="stories260K", data="tinystories", out=str(tmp_path / "run"), max_steps=12,
                     batch_size=8, seq_len=96, lr=1e-3, eval_every=4, save_every=4, val_examples=32,
-                    tasks="", ppl_windows=1, ppl_seq_len=128, bits=16, calib_windows=4, calib_seq_len=64,
+                    tasks="", ppl_windows=1, ppl_seq_len=128, w_bits=16, a_bits=16, calib_windows=4, calib_seq_len=64,
                     export=False)
     settings.update(overrides)
-    return train.TrainConfig(**settings)
+    return replace_options(train.TrainConfig(), **settings)
 
 
 class WordTokenizer:
@@ -55,12 +56,12 @@ def reference_loss(model, tokenized) -> float:
 def test_help_lists_every_option():
     text = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], capture_output=True,
                           text=True, check=True).stdout
-    for f in train.TrainConfig.__dataclass_fields__:
-        assert "--" + f.replace("_", "-") in text
+    for name in option_names(train.TrainConfig()):  # nested LoRAConfig and QuantConfig too
+        assert "--" + name.replace("_", "-") in text
 
 
 BAD_FLAGS = [
-    (["--seq-len", "0"], "--seq-len=0: must be a positive integer"),
+    (["--seq-len", "0"], "--seq-len=0: must be at least 1"),
     (["--batch-size", "0"], "--batch-size=0"),
     (["--grad-accum", "16"], "--grad-accum=16: more micro-batches than the 8 examples"),
     (["--rank", "0"], "--rank=0"),
@@ -69,13 +70,13 @@ BAD_FLAGS = [
     (["--w-bits", "1"], "--w-bits=1 must be an integer from 2 to 16"),
     (["--bits", "17"], "--bits=17 must be an integer from 2 to 16"),
     (["--kv-bits", "0"], "--kv-bits=0 must be an integer from 2 to 16"),
-    (["--quant", "awq"], "--quant='awq': must be rtn or gptq"),
+    (["--quant", "awq"], "w_method='awq' (--w-method, --quant) must be rtn or gptq"),
     (["--variant", "dora"], "--variant='dora'"),
     (["--res-type", "skip"], "--res-type='skip'"),
     (["--variant", "reslora", "--res-type", "input", "--pre-num", "2"], "exactly one previous block"),
     (["--targets", "q_proj,qproj"], "['qproj'] not among the linears of a block"),
     (["--tasks", "arc"], "--tasks='arc'"),
-    (["--eval-limit", "-1"], "--eval-limit=-1: must be positive (0 or none: all)"),
+    (["--eval-limit", "-1"], "--eval-limit=-1: must be at least 1 (0 or none: all)"),
     (["--dtype", "float16"], "--dtype='float16'"),
     (["--data", "nope"], "--data nope: no data/nope/prepare.py"),
 ]
@@ -101,7 +102,7 @@ def test_run_checks_its_config_before_loading_anything(overrides, message, tmp_p
         raise AssertionError("loaded something before the configuration was checked")
     for name in ("resolve_model_dir", "load_checkpoint", "load_examples"):
         monkeypatch.setattr(train, name, must_not_load)
-    cfg = train.TrainConfig(out=str(tmp_path / "run"), **overrides)
+    cfg = replace_options(train.TrainConfig(), out=str(tmp_path / "run"), **overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.run(cfg)
     assert not (tmp_path / "run").exists()  # nothing written either
@@ -114,7 +115,7 @@ def test_zero_or_none_means_all_for_every_count(flag):
     assert getattr(train.parse_args([option, "none"]), flag) is None
     assert getattr(train.parse_args([option, "3"]), flag) == 3
     # and only there: 0 is not 'all' for a size (it is an error, above)
-    assert train.parse_args(["--w-bits", "none"]).w_bits is None
+    assert train.parse_args(["--bits", "none"]).bits is None
 
 
 def test_prompt_tokens_carry_no_loss_and_padding_neither():
@@ -268,9 +269,9 @@ def test_quant_gptq_runs_gptq_on_calibration_from_the_training_data(tmp_path, mo
 
     monkeypatch.setattr(quant, "gptq_quantize_blocks", spy)
     common = dict(w_bits=4, a_bits=16, max_steps=2, calib_windows=8, calib_seq_len=64)
-    gptq = train.run(quick_config(tmp_path / "gptq", quant="gptq", **common))["rows"]
+    gptq = train.run(quick_config(tmp_path / "gptq", w_method="gptq", **common))["rows"]
     assert calls == [((8, 64), 4), ((8, 64), 4)]  # before and after fine-tuning
-    rtn = train.run(quick_config(tmp_path / "rtn", quant="rtn", **common))["rows"]
+    rtn = train.run(quick_config(tmp_path / "rtn", w_method="rtn", **common))["rows"]
     assert len(calls) == 2
     for row in ("before / W4A16", "after / W4A16"):  # measured: 1.907 vs 1.941, 1.914 vs 1.925
         print(f"{row}: held-out loss GPTQ {gptq[row]['heldout_loss']:.4f}, RTN {rtn[row]['heldout_loss']:.4f}")

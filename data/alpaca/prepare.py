@@ -11,9 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # so that `python data/<name>/prepare.py` finds the data package
+    sys.path.insert(0, str(ROOT))
+from data.mirror import fetch_raw, read_json, write_splits  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from mirror import fetch_raw, read_json, write_splits  # noqa: E402
 
 # mirror path, canonical download locations
 SOURCES = {
@@ -71,12 +74,17 @@ def load_examples(raw: Path) -> list[dict]:
     return [to_example(r, f"{raw} record {i}") for i, r in enumerate(records)]
 
 
-def prepare(source: str = "gpt4", out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
-    """Write train.jsonl and val.jsonl; returns their paths. Nothing is written when the input is bad."""
+def raw_file(source: str = "gpt4") -> Path:
+    """The raw JSON file of one source: from the mirror, or downloaded once into data/alpaca/raw/."""
     if source not in SOURCES:
         raise ValueError(f"--source {source}: unknown, choose from {sorted(SOURCES)}")
     mirror_path, urls = SOURCES[source]
-    raw = fetch_raw(mirror_path, urls, HERE / "raw")
+    return fetch_raw(mirror_path, urls, HERE / "raw")
+
+
+def prepare(source: str = "gpt4", out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
+    """Write train.jsonl and val.jsonl; returns their paths. Nothing is written when the input is bad."""
+    raw = raw_file(source)
     return write_splits(load_examples(raw), out_dir, val_fraction, seed, source=raw)
 
 if __name__ == "__main__":

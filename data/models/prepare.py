@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:  # lets `python data/models/prepare.py` import data.mirror
+if str(REPO_ROOT) not in sys.path:  # lets `python data/models/prepare.py` import the data package
     sys.path.insert(0, str(REPO_ROOT))
 from data.mirror import fetch_raw, mirror_root  # noqa: E402
 

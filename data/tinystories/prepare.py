@@ -9,9 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # so that `python data/<name>/prepare.py` finds the data package
+    sys.path.insert(0, str(ROOT))
+from data.mirror import fetch_raw, read_text, write_splits  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from mirror import fetch_raw, read_text, write_splits  # noqa: E402
 
 MIRROR_PATH = "data/tinystories/tinystories_sample.txt"
 URLS = ["https://raw.githubusercontent.com/s-ajaykumar/smallGPT/main/tinystories_sample.txt"]

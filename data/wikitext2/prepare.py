@@ -32,6 +32,14 @@ def prepare(out_dir: Path | None = None) -> Path:
     return write_text(text, out_dir / "test.txt")  # atomic: never a half-written test.txt
 
 
+def load_test_text(data_dir: Path | None = None) -> str:
+    """The WikiText-2 raw test text, preparing <data_dir>/test.txt (default data/wikitext2/) on first use."""
+    path = Path(data_dir or HERE) / "test.txt"
+    if not path.is_file():
+        prepare(path.parent)
+    return path.read_text(encoding="utf-8")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default data/wikitext2/)")

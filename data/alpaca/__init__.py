@@ -1,0 +1,1 @@
+"""Alpaca instruction data for fine-tuning (prepare.py)."""

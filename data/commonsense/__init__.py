@@ -1,0 +1,1 @@
+"""The seven commonsense tasks in lm-evaluation-harness form (prepare.py)."""

@@ -1,0 +1,1 @@
+"""HellaSwag validation items in lm-evaluation-harness form (prepare.py)."""

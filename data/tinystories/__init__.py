@@ -1,0 +1,1 @@
+"""TinyStories text for fine-tuning stories260K (prepare.py)."""

@@ -1,0 +1,1 @@
+"""The WikiText-2 test text for perplexity (prepare.py)."""
