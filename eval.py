@@ -48,7 +48,9 @@ import rotate
 from data.alpaca import prepare as alpaca
 from data.models import resolve_model_dir
 from data.wikitext2.prepare import load_test_text
-from model import KVCache, Tokenizer, check_options, load_checkpoint, option, option_group, parse_config
+from data.tokenizer import Tokenizer
+from data.options import check_options, option, option_group, parse_config
+from model import KVCache, load_checkpoint
 from quant import QuantConfig
 
 ROOT = Path(__file__).resolve().parent

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import BLOCK_LINEARS, check_options, option, replace_module, write_atomically
+from data.options import check_options, option
+from model import BLOCK_LINEARS, replace_module, write_atomically
 
 VARIANTS = ("lora", "reslora")
 RES_TYPES = ("input", "block", "middle")

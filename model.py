@@ -11,20 +11,18 @@ stream), rewrite or swap the linears with `replace_module`, and may plug a modul
 three identity "hook points" of Attention and MLP. Whatever replaces a linear must be an
 nn.Linear look-alike: a forward of (..., in_features) -> (..., out_features) and the
 attributes `weight` (out, in), `in_features` and `out_features` (save_checkpoint reads
-`.weight`). The file ends with `parse_config`, the command-line parser every script uses.
+`.weight`). The tokenizer lives in data/tokenizer.py, the command-line parser every script
+uses in data/options.py.
 
 Demo:
     python data/models/prepare.py stories260K
     python model.py --model data/models/stories260K --prompt "Once upon a time"
 """
-import argparse
-import dataclasses
 import json
 import math
 import os
 import tempfile
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, fields
 from functools import reduce
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +30,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from data.options import option, parse_config
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -524,177 +524,8 @@ def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3
 
 
 # -----------------------------------------------------------------------------
-# Tokenizer
-
-
-class Tokenizer:
-    """sentencepiece `tokenizer.model` when the directory has one, else `tokenizer.json`."""
-
-    def __init__(self, path):
-        path = Path(path)
-        ids = {}
-        if (path / "config.json").is_file():
-            hf = json.loads((path / "config.json").read_text())
-            ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id")}
-        if (path / "tokenizer.model").is_file():
-            import sentencepiece
-            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
-            self.hf = None
-            self.vocab_size = self.sp.vocab_size()
-            self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        elif (path / "tokenizer.json").is_file():
-            try:
-                from tokenizers import Tokenizer as HFTokenizer
-            except ImportError:
-                raise ImportError(f"{path / 'tokenizer.json'} needs the optional package "
-                                  "`tokenizers`: pip install tokenizers") from None
-            self.sp = None
-            self.hf = HFTokenizer.from_file(str(path / "tokenizer.json"))
-            self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
-            self.bos_id, self.eos_id = ids.get("bos_token_id"), ids.get("eos_token_id")
-        else:
-            raise FileNotFoundError(f"{path}: neither tokenizer.model nor tokenizer.json found")
-        if isinstance(self.eos_id, list):
-            self.eos_id = self.eos_id[0]
-
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        if self.sp is not None:
-            ids = self.sp.encode(text)
-        else:
-            ids = self.hf.encode(text, add_special_tokens=False).ids
-        if bos and self.bos_id is not None:
-            ids = [self.bos_id] + ids
-        if eos and self.eos_id is not None:
-            ids = ids + [self.eos_id]
-        return ids
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if self.sp is not None:
-            return self.sp.decode(ids)
-        return self.hf.decode(ids, skip_special_tokens=False)
-
-
-# -----------------------------------------------------------------------------
-# Command lines: one flag per dataclass field
-#
-# Every script (train.py, eval.py, rotate.py, model.py, bench/) declares its options as one
-# @dataclass and calls parse_config: the flags, their help and their types come from the fields;
-# a field holding another dataclass (train.py's `quant: QuantConfig`) adds that one's flags too,
-# so an option is declared once wherever it is used. The values are checked by the dataclass's
-# validate() before the script loads anything.
-
-
-def option(default, help_text: str, *, choices: tuple | None = None, at_least=None, at_most=None,
-           zero_means_all: bool = False, aliases: tuple = ()):
-    """A dataclass field that is also the flag --field-name (and any `aliases`), with the values
-    it accepts (checked by check_options). zero_means_all: an optional count (int | None) where
-    0 or 'none' on the command line means 'all' (None); other optional values take 'none'."""
-    return field(default=default, metadata={"help": help_text, "choices": choices, "at_least": at_least,
-                                            "at_most": at_most, "zero_means_all": zero_means_all,
-                                            "aliases": aliases})
-
-
-def flag_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_options(config):
-    """Check every field of a configuration (nested ones too) against what its option() declared;
-    the ValueError names the flag: '--seq-len=0: must be at least 1'."""
-    for f in fields(config):
-        value, meta = getattr(config, f.name), f.metadata
-        if is_dataclass(value):
-            check_options(value)
-            continue
-        if value is None:
-            continue
-        flag = f"{flag_name(f.name)}={value!r}"
-        if meta.get("choices") and value not in meta["choices"]:
-            raise ValueError(f"{flag}: must be one of {', '.join(map(str, meta['choices']))}")
-        if meta.get("at_least") is not None and value < meta["at_least"]:
-            raise ValueError(f"{flag}: must be at least {meta['at_least']}"
-                             + (" (0 or none: all)" if meta.get("zero_means_all") else ""))
-        if meta.get("at_most") is not None and value > meta["at_most"]:
-            raise ValueError(f"{flag}: must be at most {meta['at_most']}")
-
-
-def option_group(config_class, help_text: str = "", **defaults):
-    """A field holding a nested configuration; `defaults` are this script's own defaults for it."""
-    return field(default_factory=lambda: config_class(**defaults), metadata={"help": help_text})
-
-
-def _flag_type(f):
-    """argparse's type for a field: int, float or str, with 'none' (and 0 for counts) as None."""
-    optional = type(None) in typing.get_args(f.type)  # int | None
-    kind = next(t for t in typing.get_args(f.type) if t is not type(None)) if optional else f.type
-
-    def parse(text: str):
-        if optional and text.lower() == "none":
-            return None
-        value = kind(text)
-        return None if f.metadata.get("zero_means_all") and value == 0 else value
-    parse.__name__ = kind.__name__  # argparse's message: "invalid int value: 'x'"
-    return parse
-
-
-def _add_flags(parser, config):
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if is_dataclass(value):  # a nested configuration: its fields are flags of their own
-            _add_flags(parser.add_argument_group(f.metadata.get("help") or type(value).__name__), value)
-            continue
-        flags = [flag_name(f.name), *f.metadata.get("aliases", ())]
-        choices = f" [{', '.join(map(str, f.metadata['choices']))}]" if f.metadata.get("choices") else ""
-        help_text = f"{f.metadata.get('help', '')}{choices} (default: {value})"
-        if f.type is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=value,
-                                help=help_text)
-        else:  # choices and bounds are checked by check_options, with one message style for all
-            parser.add_argument(*flags, dest=f.name, type=_flag_type(f), default=value, help=help_text)
-
-
-def option_names(config) -> set[str]:
-    """The flat names of every option of a configuration, nested ones included."""
-    return {name for f in fields(config) for name in
-            (option_names(getattr(config, f.name)) if is_dataclass(getattr(config, f.name)) else {f.name})}
-
-
-def replace_options(config, **values):
-    """A copy of `config` with the named options replaced wherever they live, nested
-    configurations included, as on the command line: replace_options(TrainConfig(), rank=8, w_bits=4)."""
-    unknown = set(values) - option_names(config)
-    if unknown:
-        raise TypeError(f"{type(config).__name__}: unknown option(s) {sorted(unknown)}")
-    changes = {}
-    for f in fields(config):
-        value = getattr(config, f.name)
-        if is_dataclass(value):
-            inner = {k: v for k, v in values.items() if k in option_names(value)}
-            if inner:
-                changes[f.name] = replace_options(value, **inner)
-        elif f.name in values:
-            changes[f.name] = values[f.name]
-    return dataclasses.replace(config, **changes)
-
-
-def parse_config(config, argv=None, *, prog: str | None = None, description: str | None = None):
-    """Parse a command line into a copy of the dataclass instance `config` (whose values are the
-    defaults) and check it (its validate(), else check_options): a bad value ends in argparse's
-    one-line error naming the flag, before anything is loaded."""
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_flags(parser, config)
-    parsed = replace_options(config, **vars(parser.parse_args(argv)))
-    try:
-        parsed.validate() if hasattr(parsed, "validate") else check_options(parsed)
-    except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
-    return parsed
-
-
-# -----------------------------------------------------------------------------
 # Demo: python model.py --model DIR --prompt "..."
+
 
 @dataclass
 class SampleConfig:
@@ -711,6 +542,7 @@ if __name__ == "__main__":
     args = parse_config(SampleConfig(), prog="model.py", description="Sample text from a LLaMA-family checkpoint.")
     torch.manual_seed(args.seed)
     from data.models import resolve_model_dir
+    from data.tokenizer import Tokenizer
     model_dir = resolve_model_dir(args.model)
     model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
     prompt = args.prompt

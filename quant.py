@@ -29,7 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import BLOCK_INPUTS, BLOCK_LINEARS, check_options, flag_name, option, replace_module
+from data.options import check_options, flag_name, option
+from model import BLOCK_INPUTS, BLOCK_LINEARS, replace_module
 
 
 

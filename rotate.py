@@ -28,8 +28,9 @@ import torch.nn as nn
 
 from data.models import resolve_model_dir
 from data.wikitext2.prepare import load_test_text
-from model import (BLOCK_INPUTS, RESIDUAL_WRITERS, Tokenizer, load_checkpoint, option, parse_config,
-                   save_checkpoint)
+from data.tokenizer import Tokenizer
+from data.options import option, parse_config
+from model import BLOCK_INPUTS, RESIDUAL_WRITERS, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches

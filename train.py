@@ -35,8 +35,9 @@ from data.models import resolve_model_dir
 from lora import LoRAConfig
 from quant import QuantConfig
 from data.wikitext2.prepare import load_test_text
-from model import (Tokenizer, check_options, load_checkpoint, option, option_group, parse_config,
-                   save_checkpoint)
+from data.tokenizer import Tokenizer
+from data.options import check_options, option, option_group, parse_config
+from model import load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 

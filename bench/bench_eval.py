@@ -11,9 +11,9 @@ checks that all three give the same log-likelihoods, and prints a table and the 
 
 Run:  python bench/bench_eval.py --model smollm2-135m-instruct --items 20 --threads 1
 """
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,17 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
 from data.models import resolve_model_dir  # noqa: E402
-from model import Tokenizer, load_checkpoint  # noqa: E402
+from data.tokenizer import Tokenizer  # noqa: E402
+from data.options import option, parse_config  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+
+
+@dataclass
+class BenchEvalConfig:
+    model: str = option("smollm2-135m-instruct", "checkpoint directory or a name data/models/prepare.py knows")
+    items: int = option(20, "first N items of each task", at_least=1)
+    batch_size: int = option(32, "rows (choices) per forward", at_least=1)
+    threads: int = option(2, "torch CPU threads", at_least=1)
 
 
 @torch.inference_mode()
@@ -38,13 +48,8 @@ def one_forward_per_choice(model, tokenizer, requests) -> list[float]:
     return scores
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--items", type=int, default=20, help="first N items of each task")
-    p.add_argument("--batch-size", type=int, default=32, help="rows (choices) per forward")
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_config(BenchEvalConfig(), argv, prog="bench_eval.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
 
     model_dir = resolve_model_dir(args.model)

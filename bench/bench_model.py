@@ -7,23 +7,35 @@ memory (ru_maxrss) is its own.
     python bench/bench_model.py                      # fp32, CPU, batch 4 x 256 tokens
     python bench/bench_model.py --batch 1 --seq 512 --threads 2
 """
-import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.options import flag_name, option, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SMOLLM2_135M = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                            vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True,
                            max_position_embeddings=8192)
+
+
+@dataclass
+class BenchModelConfig:
+    batch: int = option(4, "sequences per forward", at_least=1)
+    seq: int = option(256, "tokens per sequence", at_least=1)
+    iters: int = option(3, "timed iterations (after one warm-up)", at_least=1)
+    threads: int = option(2, "torch CPU threads", at_least=1)
+    dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float16", "float64"))
+    impl: str | None = option(None, "internal: measure this implementation only and print its JSON (how "
+                              "the script re-invokes itself in a subprocess)", choices=("ours", "transformers"))
 
 
 def peak_rss_mib() -> float:
@@ -77,22 +89,15 @@ def worker(args):
     print(json.dumps(result))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--impl", choices=["ours", "transformers"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_config(BenchModelConfig(), argv, prog="bench_model.py", description=__doc__)
     if args.impl:
         return worker(args)
 
     results = {}
     for impl in ("ours", "transformers"):
         cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "impl"]
+            f"{flag_name(f.name)}={getattr(args, f.name)}" for f in fields(args) if f.name != "impl"]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     ours, hf = results["ours"], results["transformers"]

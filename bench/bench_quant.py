@@ -5,7 +5,7 @@ Default (speed), in one run:
      quantized; per-token activation quantizers at every linear input) on the same batch,
      interleaved repeats, median; target ratio <= 1.5;
   2. RTN (MSE clip search) time for all weights;
-  3. GPTQ time for the whole model on --n-calibration windows of --calibration-len tokens of
+  3. GPTQ time for the whole model on --calib-windows windows of --calib-seq-len tokens of
      Alpaca text (the mirror's alpaca_cleaned_2000.json, tokenized with the model's tokenizer).
 
 --ppl: WikiText-2 perplexity (eval.py's definition, on the first --ppl-windows windows of
@@ -14,32 +14,66 @@ and with rotation (rotate.py). GPTQ weights do not depend on the activation bits
 are not quantized while GPTQ collects its Hessians), so each weight setting is quantized once.
 
 Run:  python bench/bench_quant.py --threads 2
-      python bench/bench_quant.py --ppl --ppl-windows 16 --seq-len 512 --n-calibration 32
+      python bench/bench_quant.py --ppl --ppl-windows 16 --seq-len 512 --calib-windows 32
+
+The quantizer options of quant.py (--w-group-size, --no-w-clip-search, --gptq-damp-ratio, ...)
+apply to every measurement; the bits and the weight method are set by each measurement.
 """
-import argparse
 import copy
-import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from data.alpaca import prepare as alpaca  # noqa: E402
 from data.models import resolve_model_dir  # noqa: E402
 from data.wikitext2.prepare import load_test_text  # noqa: E402
-from model import Tokenizer, load_checkpoint  # noqa: E402
-from quant import calibration_text, calibration_windows, quantize_model  # noqa: E402
+from data.tokenizer import Tokenizer  # noqa: E402
+from data.options import check_options, flag_name, option, option_group, parse_config  # noqa: E402
+from model import load_checkpoint  # noqa: E402
+from quant import QuantConfig, calibration_text, calibration_windows, quantize_model  # noqa: E402
 
 PPL_SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]  # (w_bits, a_bits)
+PER_MEASUREMENT = ("w_bits", "a_bits", "kv_bits", "w_method", "quantize_weight_every_forward")  # set here, not by flags
+
+
+@dataclass
+class BenchQuantConfig:
+    model: str = option("smollm2-135m-instruct", "checkpoint directory or a name data/models/prepare.py knows")
+    threads: int = option(2, "torch CPU threads", at_least=1)
+    batch: int = option(2, "sequences per timed forward", at_least=1)
+    batch_len: int = option(256, "tokens per sequence of the timed forward", at_least=1)
+    repeats: int = option(5, "timed forwards per model (median), after one warm-up", at_least=1)
+    calibration: str = option("", "GPTQ calibration text (.txt or Alpaca .json); default: the mirror's "
+                              "alpaca_cleaned_2000.json")
+    quant: QuantConfig = option_group(QuantConfig, "quantizer options of every measurement (quant.py); the bits "
+                                      "and the weight method are set by each measurement",
+                                      calib_windows=128, calib_seq_len=512)
+    ppl: bool = option(False, "print the perplexity table instead of the timings")
+    ppl_windows: int = option(16, "first N WikiText-2 windows of the perplexity", at_least=1)
+    seq_len: int = option(512, "perplexity window in tokens", at_least=2)
+
+    def validate(self):
+        self.quant.validate()
+        check_options(self)
+        for name in PER_MEASUREMENT:
+            value = getattr(self.quant, name)
+            if value != getattr(QuantConfig(), name):
+                raise ValueError(f"{flag_name(name)}={value!r}: bench_quant.py sets the bits and the weight "
+                                 "method of each measurement itself")
+        if self.calibration and not Path(self.calibration).is_file():
+            raise FileNotFoundError(f"--calibration {self.calibration}: no such file")
 
 
 def calibration(tokenizer, args) -> torch.Tensor:
-    mirror = Path(os.environ.get("ROLORA_MIRROR", ROOT.parent / "shared" / "assets"))
-    source = args.calibration or mirror / "data" / "alpaca" / "alpaca_cleaned_2000.json"
-    return calibration_windows(tokenizer.encode(calibration_text(source)), args.n_calibration, args.calibration_len)
+    source = args.calibration or alpaca.raw_file("cleaned")
+    return calibration_windows(tokenizer.encode(calibration_text(source)), args.quant.calib_windows,
+                               args.quant.calib_seq_len)
 
 
 @torch.no_grad()
@@ -60,7 +94,7 @@ def speed(model, tokenizer, args):
     batch = torch.randint(0, model.config.vocab_size, (args.batch, args.batch_len),
                           generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    w4a4 = quantize_model(copy.deepcopy(model), w_bits=4, a_bits=4)
+    w4a4 = quantize_model(copy.deepcopy(model), args.quant, w_bits=4, a_bits=4)
     rtn_seconds = time.perf_counter() - start
     seconds = forward_seconds({"fp32": model, "W4A4 RTN": w4a4}, batch, args.repeats)
     ratio = seconds["W4A4 RTN"] / seconds["fp32"]
@@ -68,7 +102,7 @@ def speed(model, tokenizer, args):
 
     windows = calibration(tokenizer, args)
     start = time.perf_counter()
-    quantize_model(copy.deepcopy(model), w_bits=4, w_method="gptq", calibration=windows)
+    quantize_model(copy.deepcopy(model), args.quant, w_bits=4, w_method="gptq", calibration=windows)
     gptq_seconds = time.perf_counter() - start
 
     tokens = args.batch * args.batch_len
@@ -80,7 +114,7 @@ def speed(model, tokenizer, args):
     print(f"| ratio W4A4 / fp32 (target <= 1.5) | {ratio:.2f} |")
     print(f"| tokens/s fp32 / W4A4 | {tokens / seconds['fp32']:.0f} / {tokens / seconds['W4A4 RTN']:.0f} |")
     print(f"| RTN W4 with MSE clip search, all weights | {rtn_seconds:.1f} s |")
-    print(f"| GPTQ W4, {args.n_calibration} windows x {args.calibration_len} tokens | {gptq_seconds:.1f} s |")
+    print(f"| GPTQ W4, {args.quant.calib_windows} windows x {args.quant.calib_seq_len} tokens | {gptq_seconds:.1f} s |")
 
 
 def perplexities(model, tokenizer, args):
@@ -103,37 +137,25 @@ def perplexities(model, tokenizer, args):
         for method in ("rtn", "gptq"):
             for w_bits in sorted({w for w, _ in PPL_SETTINGS}, reverse=True):
                 start = time.perf_counter()
-                weights_only = quantize_model(copy.deepcopy(base), w_bits=w_bits, w_method=method,
+                weights_only = quantize_model(copy.deepcopy(base), args.quant, w_bits=w_bits, w_method=method,
                                               calibration=windows if method == "gptq" else None)
                 print(f"[{base_name}] {method} W{w_bits}: {time.perf_counter() - start:.0f} s", flush=True)
                 for w, a_bits in PPL_SETTINGS:
                     if w == w_bits:
-                        quantized = quantize_model(copy.deepcopy(weights_only), a_bits=a_bits)
+                        quantized = quantize_model(copy.deepcopy(weights_only), args.quant, a_bits=a_bits)
                         rows.append((base_name, f"W{w_bits}A{a_bits}", method.upper(), ppl(quantized)))
                         print(f"  {rows[-1]}", flush=True)
                 del weights_only
     print(f"\nSmolLM2-135M WikiText-2 perplexity, first {args.ppl_windows} windows of {args.seq_len} tokens; "
-          f"GPTQ calibrated on {args.n_calibration} x {args.calibration_len} Alpaca tokens\n")
+          f"GPTQ calibrated on {args.quant.calib_windows} x {args.quant.calib_seq_len} Alpaca tokens\n")
     print("| model | bits | weights | perplexity |")
     print("|---|---|---|---:|")
     for base_name, bits, method, value in rows:
         print(f"| {base_name} | {bits} | {method} | {value:.2f} |")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=2, help="sequences per timed forward")
-    p.add_argument("--batch-len", type=int, default=256, help="tokens per sequence of the timed forward")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--calibration", default=None, help="GPTQ calibration text (.txt or Alpaca .json)")
-    p.add_argument("--n-calibration", type=int, default=128)
-    p.add_argument("--calibration-len", type=int, default=512)
-    p.add_argument("--ppl", action="store_true", help="print the perplexity table instead of the timings")
-    p.add_argument("--ppl-windows", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=512)
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_config(BenchQuantConfig(), argv, prog="bench_quant.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
     model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)

@@ -13,22 +13,45 @@
     python bench/bench_rotate.py
     python bench/bench_rotate.py --rows 512 --sizes 576,4096    # quicker
 """
-import argparse
 import copy
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.options import check_options, option, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rotate import hadamard_plan, hadamard_transform_matrix, rotate_model, walsh_hadamard_transform  # noqa: E402
 
 SMOLLM2_135M = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
                            rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192)
+
+
+@dataclass
+class BenchRotateConfig:
+    sizes: str = option("576,1536,4096,11008,14336", "comma-separated transform sizes")
+    rows: int = option(2048, "rows of x for the transform benchmark", at_least=1)
+    batch: int = option(1, "batch of the SmolLM2-135M forward", at_least=1)
+    seq: int = option(512, "sequence length of the SmolLM2-135M forward", at_least=1)
+    pairs: int = option(9, "interleaved with/without-R4 forward pairs", at_least=1)
+    threads: int = option(2, "CPU threads", at_least=1)
+
+    def validate(self):
+        check_options(self)
+        try:
+            sizes = self.size_list()
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"--sizes={self.sizes!r}: must be comma-separated positive integers")
+
+    def size_list(self) -> list[int]:
+        return [int(s) for s in self.sizes.split(",")]
 
 
 def wall(fn, device) -> float:
@@ -110,17 +133,10 @@ def online_hadamard_share(batch, seq, dtype, device, pairs):
           f"interleaved pairs): {(t_r4 - t_plain) / t_r4:+.1%}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="576,1536,4096,11008,14336", help="comma-separated transform sizes")
-    p.add_argument("--rows", type=int, default=2048, help="rows of x for the transform benchmark")
-    p.add_argument("--batch", type=int, default=1, help="batch of the SmolLM2-135M forward")
-    p.add_argument("--seq", type=int, default=512, help="sequence length of the SmolLM2-135M forward")
-    p.add_argument("--pairs", type=int, default=9, help="interleaved with/without-R4 forward pairs")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads")
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_config(BenchRotateConfig(), argv, prog="bench_rotate.py", description=__doc__.splitlines()[0])
     torch.set_num_threads(args.threads)
-    sizes = [int(s) for s in args.sizes.split(",")]
+    sizes = args.size_list()
     cpu = torch.device("cpu")
     print(f"torch {torch.__version__}, {args.threads} CPU threads")
     transform_vs_dense(sizes, args.rows, torch.float32, cpu)

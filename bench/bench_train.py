@@ -8,17 +8,18 @@ that its peak resident memory (ru_maxrss) is its own. A third run rotates our mo
     python bench/bench_train.py                          # CPU fp32, batch 4 x 256
     python bench/bench_train.py --shape llama2-7b --dtype bfloat16 --batch 8 --seq 1024 --layers 32   # on a GPU
 """
-import argparse
 import json
 import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.options import flag_name, option, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -29,6 +30,20 @@ SHAPES = {
                              num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
                              max_position_embeddings=4096),
 }
+
+
+@dataclass
+class BenchTrainConfig:
+    shape: str = option("smollm2-135m", "model shape (random weights)", choices=tuple(sorted(SHAPES)))
+    layers: int | None = option(None, "override the number of layers (0 or none: the shape's own)", at_least=1,
+                                zero_means_all=True)
+    batch: int = option(4, "sequences per step", at_least=1)
+    seq: int = option(256, "tokens per sequence", at_least=1)
+    iters: int = option(3, "timed steps (after one warm-up step)", at_least=1)
+    threads: int = option(2, "torch CPU threads", at_least=1)
+    dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float16", "float64"))
+    impl: str | None = option(None, "internal: measure this implementation only and print its JSON (how "
+                              "the script re-invokes itself in a subprocess)", choices=("ours", "ours+rotate", "peft"))
 
 
 def build(impl: str, config: ModelConfig, dtype, device):
@@ -107,24 +122,16 @@ def worker(args):
     print(json.dumps(result))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
-    p.add_argument("--layers", type=int, default=None, help="override the number of layers")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--iters", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--impl", choices=["ours", "ours+rotate", "peft"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_config(BenchTrainConfig(), argv, prog="bench_train.py", description=__doc__)
     if args.impl:
         return worker(args)
 
     results = {}
     for impl in ("ours", "peft", "ours+rotate"):
         cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"--{k}={v}" for k, v in vars(args).items() if k != "impl" and v is not None]
+            f"{flag_name(f.name)}={getattr(args, f.name)}" for f in fields(args)
+            if f.name != "impl" and getattr(args, f.name) is not None]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     ours, peft, rot = results["ours"], results["peft"], results["ours+rotate"]

@@ -371,7 +371,8 @@ def test_hellaswag_context_restores_the_harness_capital(tmp_path):
 @pytest.mark.slow
 def test_real_items_score_as_direct_logsoftmax(stories_dir):
     """stories260K in float64 with its sentencepiece tokenizer on real items of four tasks."""
-    from model import Tokenizer, load_checkpoint
+    from data.tokenizer import Tokenizer
+    from model import load_checkpoint
     model, tok = load_checkpoint(stories_dir, dtype=torch.float64), Tokenizer(stories_dir)
     requests, items = [], []
     for task in ("arc_challenge", "winogrande", "boolq", "hellaswag"):

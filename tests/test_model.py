@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from helpers import tiny_config, tiny_model
-from model import (KVCache, ModelConfig, Transformer, load_checkpoint, rope_inverse_frequencies,
-                   save_checkpoint)
+from model import KVCache, ModelConfig, Transformer, load_checkpoint, rope_inverse_frequencies, save_checkpoint
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
@@ -211,3 +210,89 @@ def test_sequence_longer_than_max_positions():
     model = Transformer(tiny_config(max_position_embeddings=8))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+# -----------------------------------------------------------------------------
+# The configuration surface: one dataclass per command line, parsed by model.parse_config
+
+
+def script_configs():
+    """(prog, default config) of every command line built on parse_config."""
+    import eval as ev
+    import rotate
+    import train
+    from model import SampleConfig
+    return [("train.py", train.TrainConfig()), ("eval.py", ev.EvalConfig(model="m")),
+            ("rotate.py", rotate.RotateConfig()), ("model.py", SampleConfig())]
+
+
+def options_with(meta_key):
+    """(prog, config, field name, metadata) of every option that declares `meta_key`, nested included."""
+    from dataclasses import fields, is_dataclass
+    found = []
+    def walk(prog, root, config):
+        for f in fields(config):
+            value = getattr(config, f.name)
+            if is_dataclass(value):
+                walk(prog, root, value)
+            elif f.metadata.get(meta_key) not in (None, False):
+                found.append((prog, root, f.name, f.metadata))
+    for prog, config in script_configs():
+        walk(prog, config, config)
+    return found
+
+
+def test_every_count_takes_0_and_none_as_all():
+    from data.options import parse_config
+    counts = options_with("zero_means_all")
+    assert {(prog, name) for prog, _, name, _ in counts} >= {
+        ("train.py", "max_steps"), ("train.py", "eval_limit"), ("train.py", "ppl_windows"),
+        ("train.py", "val_examples"), ("eval.py", "limit"), ("eval.py", "ppl_windows")}
+    for prog, config, name, _ in counts:
+        flag = "--" + name.replace("_", "-")
+        for text in ("0", "none", "None"):
+            assert getattr(parse_config(config, [flag, text]), name) is None, (prog, flag, text)
+        assert getattr(parse_config(config, [flag, "3"]), name) == 3, (prog, flag)
+
+
+def test_every_bounded_option_refuses_a_value_below_its_bound_naming_the_flag(capsys):
+    """One line naming the flag, for every option that declares a lower bound (nested ones too)."""
+    from data.options import parse_config
+    bounded = options_with("at_least")
+    assert len(bounded) > 20
+    for prog, config, name, meta in bounded:
+        flag = "--" + name.replace("_", "-")
+        below = meta["at_least"] - (1 if isinstance(meta["at_least"], int) else 0.5)
+        if meta.get("zero_means_all") and below == 0:
+            below = -1  # 0 means all there
+        with pytest.raises(SystemExit):
+            parse_config(config, [flag, str(below)], prog=prog)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"{prog}: error: {flag}="), (prog, flag, err[-1])
+
+
+def test_quantization_options_are_declared_once_and_shared_by_train_and_eval():
+    import eval as ev
+    import train
+    from data.options import option_names, parse_config
+    from quant import QuantConfig
+    shared = option_names(QuantConfig())
+    assert shared <= option_names(train.TrainConfig()) and shared <= option_names(ev.EvalConfig())
+    argv = ["--w-bits", "4", "--a-bits", "6", "--kv-bits", "8", "--quant", "gptq", "--calib-windows", "7",
+            "--calib-seq-len", "99", "--no-w-clip-search"]
+    expected = QuantConfig(w_bits=4, a_bits=6, kv_bits=8, w_method="gptq", calib_windows=7, calib_seq_len=99,
+                           w_clip_search=False)
+    assert parse_config(train.TrainConfig(), argv).quant == expected
+    assert parse_config(ev.EvalConfig(), argv + ["--model", "m"]).quant == expected
+
+
+def test_replace_options_reaches_nested_options_and_refuses_unknown_ones():
+    import train
+    from data.options import replace_options
+    base = train.TrainConfig()
+    changed = replace_options(base, rank=4, w_bits=8, seq_len=64)
+    assert (changed.lora.rank, changed.quant.w_bits, changed.seq_len) == (4, 8, 64)
+    assert (base.lora.rank, base.quant.w_bits, base.seq_len) == (16, 4, 256)  # a copy: the original is unchanged
+    assert replace_options(base, bits=16).quant.w_bits == 16 and base.quant.w_bits == 4
+    with pytest.raises(TypeError, match="unknown option.*'rnak'"):
+        replace_options(base, rnak=4)

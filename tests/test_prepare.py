@@ -13,7 +13,7 @@ import torch
 
 from data.models import prepare
 from helpers import ROOT
-from model import Tokenizer
+from data.tokenizer import Tokenizer
 
 STORIES_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in "
                 "the park. One day, she saw a big, red ball. She wanted to play with it, but it was "

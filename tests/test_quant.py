@@ -659,7 +659,7 @@ def mirror_file(relative: str) -> Path:
 
 
 def text_windows(model_dir, relative: str, n_windows: int, seq_len: int, n_chars: int = 200_000) -> torch.Tensor:
-    from model import Tokenizer
+    from data.tokenizer import Tokenizer
     ids = Tokenizer(model_dir).encode(calibration_text(mirror_file(relative))[:n_chars])
     assert len(ids) >= n_windows * seq_len
     return torch.tensor(ids[:n_windows * seq_len]).view(n_windows, seq_len)

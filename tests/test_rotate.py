@@ -248,7 +248,7 @@ def test_save_and_load_rotated_give_the_same_logits(tmp_path, intermediate):
     loaded, loaded_record = load_rotated(tmp_path / "rotated")
     assert loaded_record == record
     assert torch.allclose(loaded(idx), expected, rtol=0, atol=1e-6)
-    from model import load_checkpoint  # without the record the online Hadamard is missing
+    from model import load_checkpoint
     plain = load_checkpoint(tmp_path / "rotated")
     assert relative_error(plain(idx), expected) > 1e-3
 
@@ -294,7 +294,7 @@ def test_hadamard_sizes_command(capsys):
 
 @pytest.mark.slow
 def test_rotated_stories260K_is_the_same_model(stories_model, stories_dir):
-    from model import Tokenizer
+    from data.tokenizer import Tokenizer
     idx = torch.tensor([Tokenizer(stories_dir).encode("Once upon a time, there was a")])
     rotated = copy.deepcopy(stories_model)  # the fixture is shared: never change it
     record = rotate_model(rotated, seed=0, rotate_ov=True)
@@ -307,7 +307,7 @@ def test_rotated_stories260K_is_the_same_model(stories_model, stories_dir):
 
 @pytest.mark.slow
 def test_rotated_smollm2_is_the_same_model_and_loses_its_outliers(smollm_model, smollm_dir):
-    from model import Tokenizer
+    from data.tokenizer import Tokenizer
     text = "The capital of France is Paris. The Eiffel Tower was built in 1889 for the World's Fair."
     idx = torch.tensor([Tokenizer(smollm_dir).encode(text)])
     rotated = copy.deepcopy(smollm_model)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import train
 from helpers import ROOT, tiny_model
-from model import option_names, replace_options
+from data.options import option_names, replace_options
 
 
 def quick_config(tmp_path, **overrides) -> train.TrainConfig:
@@ -180,7 +180,8 @@ def first_step_examples(cfg: train.TrainConfig, tok):
 @pytest.fixture
 def stories(stories_dir):
     """stories260K (prepared from the mirror, or skipped) and its tokenizer."""
-    from model import Tokenizer, load_checkpoint
+    from data.tokenizer import Tokenizer
+    from model import load_checkpoint
     return load_checkpoint(stories_dir), Tokenizer(stories_dir)
 
 

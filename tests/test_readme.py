@@ -1,0 +1,66 @@
+"""Every command the README quotes parses with today's flags: a renamed or removed flag, or a value
+the validation refuses (the GPU recipe's `--ppl-windows 0` once did), fails here, not for a reader."""
+import re
+import shlex
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def script_configs() -> dict:
+    """script path as the README writes it -> its default configuration (the parser's defaults)."""
+    import bench_eval
+    import bench_model
+    import bench_quant
+    import bench_rotate
+    import bench_train
+    import eval as ev
+    import model
+    import rotate
+    import train
+    return {"train.py": train.TrainConfig(), "eval.py": ev.EvalConfig(), "rotate.py": rotate.RotateConfig(),
+            "model.py": model.SampleConfig(), "bench/bench_eval.py": bench_eval.BenchEvalConfig(),
+            "bench/bench_model.py": bench_model.BenchModelConfig(),
+            "bench/bench_quant.py": bench_quant.BenchQuantConfig(),
+            "bench/bench_rotate.py": bench_rotate.BenchRotateConfig(),
+            "bench/bench_train.py": bench_train.BenchTrainConfig()}
+
+
+def readme_commands() -> list[list[str]]:
+    """argv of every `python SCRIPT ...` the README quotes, in code blocks or inline code."""
+    text = (ROOT / "README.md").read_text()
+    text = text.replace("\\\n", " ")  # shell line continuations
+    commands = []
+    for snippet in re.findall(r"```bash\n(.*?)```", text, re.S) + [
+            inline.replace("\n", " ") for inline in re.findall(r"`([^`]*python [^`]*)`", text)]:
+        for line in snippet.splitlines():
+            for part in line.split("&&"):
+                part = part.split(" # ")[0].strip()
+                words = shlex.split(part) if "python " in part else []
+                if "python" in words:
+                    commands.append(words[words.index("python") + 1:])
+    return commands
+
+
+COMMANDS = [c for c in readme_commands() if c and c[0] in ("train.py", "eval.py", "rotate.py", "model.py")
+            or (c and c[0].startswith("bench/"))]
+
+
+def test_the_readme_quotes_the_main_commands():
+    scripts = {c[0] for c in COMMANDS}
+    assert {"train.py", "eval.py", "rotate.py", "model.py"} <= scripts
+    assert any(c[:1] == ["train.py"] and "--ppl-windows" in c and "0" in c for c in COMMANDS)  # the GPU recipe
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c)[:80] for c in COMMANDS])
+def test_readme_command_parses(argv):
+    from data.options import parse_config
+    configs = script_configs()
+    assert argv[0] in configs, f"the README runs {argv[0]}, which has no parse_config dataclass"
+    if "--help" in argv:
+        return
+    parse_config(configs[argv[0]], argv[1:], prog=argv[0])  # SystemExit on a bad flag or value
