@@ -472,7 +472,7 @@ def load_and_quantize(cfg: EvalConfig):
         calibration = None
         if cfg.quant.w_method == "gptq" and cfg.quant.w_bits < 16:
             source = cfg.calibration or alpaca.raw_file("cleaned")
-            tokens = tokenizer.encode(quant.calibration_text(source))
+            tokens = tokenizer.encode(alpaca.calibration_text(source))
             seq_len = min(cfg.quant.calib_seq_len, model.config.max_position_embeddings)
             calibration = quant.calibration_windows(tokens, cfg.quant.calib_windows, seq_len)
         quant.quantize_model(model, cfg.quant, calibration=calibration)

@@ -18,7 +18,6 @@ Run it through eval.py, which quantizes a checkpoint and measures what it costs:
     python eval.py --model smollm2-135m-instruct --w-bits 4 --a-bits 4 --quant gptq --ppl
 """
 import dataclasses
-import json
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -574,16 +573,3 @@ def calibration_windows(tokens, n_windows: int = 128, seq_len: int = 2048, seed:
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len, (n_windows,), generator=generator)
     return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
-
-
-def calibration_text(path) -> str:
-    """Text of a calibration file: plain text (.txt, e.g. TinyStories) or Alpaca records
-    (.json: instruction, input and output of every record, one per paragraph)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"quant.py: calibration file {path} not found")
-    if path.suffix == ".json":
-        records = json.loads(path.read_text())
-        return "\n\n".join("\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k))
-                           for r in records)
-    return path.read_text()

@@ -36,7 +36,7 @@ from data.wikitext2.prepare import load_test_text  # noqa: E402
 from data.tokenizer import Tokenizer  # noqa: E402
 from data.options import check_options, flag_name, option, option_group, parse_config  # noqa: E402
 from model import load_checkpoint  # noqa: E402
-from quant import QuantConfig, calibration_text, calibration_windows, quantize_model  # noqa: E402
+from quant import QuantConfig, calibration_windows, quantize_model  # noqa: E402
 
 PPL_SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]  # (w_bits, a_bits)
 PER_MEASUREMENT = ("w_bits", "a_bits", "kv_bits", "w_method", "quantize_weight_every_forward")  # set here, not by flags
@@ -72,7 +72,7 @@ class BenchQuantConfig:
 
 def calibration(tokenizer, args) -> torch.Tensor:
     source = args.calibration or alpaca.raw_file("cleaned")
-    return calibration_windows(tokenizer.encode(calibration_text(source)), args.quant.calib_windows,
+    return calibration_windows(tokenizer.encode(alpaca.calibration_text(source)), args.quant.calib_windows,
                                args.quant.calib_seq_len)
 
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.alpaca import prepare as alpaca
 from helpers import tiny_model
-from quant import (ActQuantizer, HessianAccumulator, QuantConfig, QuantLinear, calibration_text,
+from quant import (ActQuantizer, HessianAccumulator, QuantConfig, QuantLinear,
                    calibration_windows, compute_scale_zero, fake_quantize, gptq_quantize_weight,
                    group_rows, integer_range, quantize_model, quantize_weight_rtn, weight_scale_zero)
 
@@ -660,7 +661,7 @@ def mirror_file(relative: str) -> Path:
 
 def text_windows(model_dir, relative: str, n_windows: int, seq_len: int, n_chars: int = 200_000) -> torch.Tensor:
     from data.tokenizer import Tokenizer
-    ids = Tokenizer(model_dir).encode(calibration_text(mirror_file(relative))[:n_chars])
+    ids = Tokenizer(model_dir).encode(alpaca.calibration_text(mirror_file(relative))[:n_chars])
     assert len(ids) >= n_windows * seq_len
     return torch.tensor(ids[:n_windows * seq_len]).view(n_windows, seq_len)
 

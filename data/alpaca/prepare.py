@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # so that `python data/<name>/prepare.py` finds the data package
     sys.path.insert(0, str(ROOT))
-from data.mirror import fetch_raw, read_json, write_splits  # noqa: E402
+from data.mirror import fetch_raw, read_json, read_text, write_splits  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -80,6 +80,18 @@ def raw_file(source: str = "gpt4") -> Path:
         raise ValueError(f"--source {source}: unknown, choose from {sorted(SOURCES)}")
     mirror_path, urls = SOURCES[source]
     return fetch_raw(mirror_path, urls, HERE / "raw")
+
+
+def calibration_text(path) -> str:
+    """Text to calibrate GPTQ on (never the evaluation text): a plain text file (.txt, e.g.
+    TinyStories) or Alpaca records (.json: instruction, input and output, one record a paragraph)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} not found")
+    if path.suffix == ".json":
+        return "\n\n".join("\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k))
+                           for r in read_json(path))
+    return read_text(path)
 
 
 def prepare(source: str = "gpt4", out_dir: Path = HERE, val_fraction: float = 0.1, seed: int = 0):
