@@ -12,13 +12,13 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.options import flag_name, option, parse_config  # noqa: E402
+from data.options import option, option_group, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SMOLLM2_135M = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -28,12 +28,18 @@ SMOLLM2_135M = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_l
 
 
 @dataclass
-class BenchModelConfig:
-    batch: int = option(4, "sequences per forward", at_least=1)
+class MeasureConfig:
+    """What a timed run measures; bench_train.py times its training steps with the same options."""
+    batch: int = option(4, "sequences per forward (or step)", at_least=1)
     seq: int = option(256, "tokens per sequence", at_least=1)
     iters: int = option(3, "timed iterations (after one warm-up)", at_least=1)
     threads: int = option(2, "torch CPU threads", at_least=1)
     dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float16", "float64"))
+
+
+@dataclass
+class BenchModelConfig:
+    measure: MeasureConfig = option_group(MeasureConfig, "what is timed")
     impl: str | None = option(None, "internal: measure this implementation only and print its JSON (how "
                               "the script re-invokes itself in a subprocess)", choices=("ours", "transformers"))
 
@@ -56,10 +62,10 @@ def build(impl: str, config: ModelConfig, dtype):
 
 
 def worker(args):
-    torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.measure.threads)
+    dtype = getattr(torch, args.measure.dtype)
     model, run = build(args.impl, SMOLLM2_135M, dtype)
-    idx = torch.randint(0, SMOLLM2_135M.vocab_size, (args.batch, args.seq),
+    idx = torch.randint(0, SMOLLM2_135M.vocab_size, (args.measure.batch, args.measure.seq),
                         generator=torch.Generator().manual_seed(0))
     tokens = idx.numel()
     result = {"rss_after_load_mib": peak_rss_mib()}
@@ -68,9 +74,9 @@ def worker(args):
     with torch.no_grad():
         run(idx)  # warm-up
         t = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(args.measure.iters):
             logits = run(idx)
-        result["forward_tok_s"] = tokens * args.iters / (time.perf_counter() - t)
+        result["forward_tok_s"] = tokens * args.measure.iters / (time.perf_counter() - t)
         result["checksum"] = float(logits[0, -1, :8].sum())
     result["peak_rss_forward_mib"] = peak_rss_mib()
 
@@ -80,11 +86,11 @@ def worker(args):
         p.grad = None
     loss_fn(run(idx).flatten(0, 1), idx.flatten()).backward()  # warm-up
     t = time.perf_counter()
-    for _ in range(args.iters):
+    for _ in range(args.measure.iters):
         for p in model.parameters():
             p.grad = None
         loss_fn(run(idx).flatten(0, 1), idx.flatten()).backward()
-    result["fwd_bwd_tok_s"] = tokens * args.iters / (time.perf_counter() - t)
+    result["fwd_bwd_tok_s"] = tokens * args.measure.iters / (time.perf_counter() - t)
     result["peak_rss_train_mib"] = peak_rss_mib()
     print(json.dumps(result))
 
@@ -96,13 +102,12 @@ def main(argv=None):
 
     results = {}
     for impl in ("ours", "transformers"):
-        cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"{flag_name(f.name)}={getattr(args, f.name)}" for f in fields(args) if f.name != "impl"]
+        cmd = [sys.executable, __file__, "--impl", impl] + (sys.argv[1:] if argv is None else list(argv))
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     ours, hf = results["ours"], results["transformers"]
-    print(f"SmolLM2-135M shape, {args.dtype}, batch {args.batch} x {args.seq} tokens, "
-          f"{args.threads} threads, {args.iters} iterations")
+    print(f"SmolLM2-135M shape, {args.measure.dtype}, batch {args.measure.batch} x {args.measure.seq} tokens, "
+          f"{args.measure.threads} threads, {args.measure.iters} iterations")
     print(f"{'metric':<28}{'ours':>12}{'transformers':>14}{'ratio':>8}")
     for key, better in [("forward_tok_s", "higher"), ("fwd_bwd_tok_s", "higher"),
                         ("peak_rss_forward_mib", "lower"), ("peak_rss_train_mib", "lower")]:

@@ -13,13 +13,14 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.options import flag_name, option, parse_config  # noqa: E402
+from bench_model import MeasureConfig  # noqa: E402  (bench/ is this script's folder)
+from data.options import option, option_group, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -37,11 +38,7 @@ class BenchTrainConfig:
     shape: str = option("smollm2-135m", "model shape (random weights)", choices=tuple(sorted(SHAPES)))
     layers: int | None = option(None, "override the number of layers (0 or none: the shape's own)", at_least=1,
                                 zero_means_all=True)
-    batch: int = option(4, "sequences per step", at_least=1)
-    seq: int = option(256, "tokens per sequence", at_least=1)
-    iters: int = option(3, "timed steps (after one warm-up step)", at_least=1)
-    threads: int = option(2, "torch CPU threads", at_least=1)
-    dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float16", "float64"))
+    measure: MeasureConfig = option_group(MeasureConfig, "what is timed (per training step)")
     impl: str | None = option(None, "internal: measure this implementation only and print its JSON (how "
                               "the script re-invokes itself in a subprocess)", choices=("ours", "ours+rotate", "peft"))
 
@@ -80,16 +77,16 @@ def peak_memory_mib(device) -> float:
 
 
 def worker(args):
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.measure.threads)
     config = SHAPES[args.shape]
     if args.layers:
         config.num_hidden_layers = args.layers
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.measure.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, run, _ = build(args.impl, config, dtype, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    idx = torch.randint(0, config.vocab_size, (args.batch, args.seq),
+    idx = torch.randint(0, config.vocab_size, (args.measure.batch, args.measure.seq),
                         generator=torch.Generator().manual_seed(0)).to(device)
 
     def step():
@@ -103,22 +100,22 @@ def worker(args):
     if device == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(args.iters):
+    for _ in range(args.measure.iters):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t) / args.iters
-    result = {"tok_s": args.batch * args.seq / seconds, "step_s": seconds, "peak_mib": peak_memory_mib(device),
+    seconds = (time.perf_counter() - t) / args.measure.iters
+    result = {"tok_s": args.measure.batch * args.measure.seq / seconds, "step_s": seconds, "peak_mib": peak_memory_mib(device),
               "trainable": sum(p.numel() for p in params)}
     if args.impl == "ours+rotate":  # time the online Hadamard alone, forward + backward, on its real input size
         import rotate
-        x = torch.randn(args.batch, args.seq, config.intermediate_size, dtype=dtype, device=device, requires_grad=True)
+        x = torch.randn(args.measure.batch, args.measure.seq, config.intermediate_size, dtype=dtype, device=device, requires_grad=True)
         t = time.perf_counter()
-        for _ in range(args.iters):
+        for _ in range(args.measure.iters):
             rotate.walsh_hadamard_transform(x).sum().backward()
         if device == "cuda":
             torch.cuda.synchronize()
-        result["hadamard_s_per_step"] = (time.perf_counter() - t) / args.iters * config.num_hidden_layers
+        result["hadamard_s_per_step"] = (time.perf_counter() - t) / args.measure.iters * config.num_hidden_layers
     print(json.dumps(result))
 
 
@@ -129,14 +126,12 @@ def main(argv=None):
 
     results = {}
     for impl in ("ours", "peft", "ours+rotate"):
-        cmd = [sys.executable, __file__, "--impl", impl] + [
-            f"{flag_name(f.name)}={getattr(args, f.name)}" for f in fields(args)
-            if f.name != "impl" and getattr(args, f.name) is not None]
+        cmd = [sys.executable, __file__, "--impl", impl] + (sys.argv[1:] if argv is None else list(argv))
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     ours, peft, rot = results["ours"], results["peft"], results["ours+rotate"]
-    print(f"LoRA r=16 on q_proj,v_proj, {args.shape} shape, {args.dtype}, batch {args.batch} x {args.seq}, "
-          f"{args.threads} threads, {args.iters} steps")
+    print(f"LoRA r=16 on q_proj,v_proj, {args.shape} shape, {args.measure.dtype}, batch {args.measure.batch} x {args.measure.seq}, "
+          f"{args.measure.threads} threads, {args.measure.iters} steps")
     print(f"{'':<22}{'ours':>12}{'transformers+peft':>20}{'ratio':>8}")
     print(f"{'train tokens/s':<22}{ours['tok_s']:>12.1f}{peft['tok_s']:>20.1f}{ours['tok_s'] / peft['tok_s']:>8.2f}")
     print(f"{'peak memory MiB':<22}{ours['peak_mib']:>12.1f}{peft['peak_mib']:>20.1f}{peft['peak_mib'] / ours['peak_mib']:>8.2f}")
