@@ -46,11 +46,10 @@ from tqdm import tqdm
 import quant
 import rotate
 from data.alpaca import prepare as alpaca
-from data.models import resolve_model_dir
+from data.models import load_model
 from data.wikitext2.prepare import load_test_text
-from data.tokenizer import Tokenizer
 from data.options import check_options, option, option_group, parse_config
-from model import KVCache, load_checkpoint
+from model import KVCache
 from quant import QuantConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -449,6 +448,9 @@ class EvalConfig:
             quant.check_bits(self.bits, "--bits")
         self.quant.validate()
         check_options(self)
+        if self.rotate and (Path(self.model) / "rotation.json").is_file():
+            raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
+                             "it loads with its rotation, drop --rotate")
         if self.calibration and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration}: no such file")
 
@@ -463,9 +465,7 @@ def parse_args(argv=None) -> EvalConfig:
 
 def load_and_quantize(cfg: EvalConfig):
     """Load the checkpoint, then rotate and quantize it as the flags ask."""
-    model_dir = resolve_model_dir(cfg.model)
-    model = load_checkpoint(model_dir, dtype=getattr(torch, cfg.dtype))
-    tokenizer = Tokenizer(model_dir)
+    model, tokenizer, model_dir = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     if cfg.rotate:
         rotate.rotate_model(model, seed=cfg.seed, online_down_proj=cfg.online_down_proj, rotate_ov=cfg.rotate_ov)
     if cfg.quant.quantizes:
@@ -495,13 +495,13 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     print(format_table(results, ppl, seq_len))
     print(f"\nmodel {model_dir}, limit {cfg.limit}, {seconds:.0f} s")
+    if ppl is not None:
+        results.update(ppl=ppl, ppl_seq_len=seq_len)
     if cfg.json:
         settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "json"}
-        out = dict(results, model=str(model_dir), settings=settings, seconds=seconds)
-        if ppl is not None:
-            out.update(ppl=ppl, ppl_seq_len=seq_len)
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.json).write_text(json.dumps(out, indent=2))
+        Path(cfg.json).write_text(json.dumps(dict(results, model=str(model_dir), settings=settings,
+                                                  seconds=seconds), indent=2))
     return results
 
 

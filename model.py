@@ -419,15 +419,27 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_checkpoint(path, dtype=torch.float32, device="cpu") -> Transformer:
+# Records another stage writes beside the weights when they compute the right function only with
+# that stage's online transforms (rotate.py's Hadamards, quant.py's quantizers): a plain load of
+# such a directory would silently give another network, so load_checkpoint refuses it.
+STAGE_RECORDS = ("rotation.json", "quantization.json")
+
+
+def load_checkpoint(path, dtype=torch.float32, device="cpu", *, stage_records_ok: bool = False) -> Transformer:
     """Load a Hugging Face-layout LLaMA directory into our Transformer.
 
     The model is built on the meta device (no memory), then each shard's tensors are
-    assigned into it, so peak memory is about one copy of the weights."""
+    assigned into it, so peak memory is about one copy of the weights. A directory with a
+    stage record (STAGE_RECORDS) is refused unless that stage's loader asks (stage_records_ok)."""
     from safetensors import safe_open
     from safetensors import SafetensorError
 
     path = Path(path)
+    for record in STAGE_RECORDS:
+        if not stage_records_ok and (path / record).is_file():
+            raise ValueError(f"{path / record}: these weights need the online transforms recorded there, "
+                             "which model.load_checkpoint does not add; load the directory with "
+                             "data.models.load_model (what every script's --model does)")
     config = read_config(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -541,10 +553,8 @@ class SampleConfig:
 if __name__ == "__main__":
     args = parse_config(SampleConfig(), prog="model.py", description="Sample text from a LLaMA-family checkpoint.")
     torch.manual_seed(args.seed)
-    from data.models import resolve_model_dir
-    from data.tokenizer import Tokenizer
-    model_dir = resolve_model_dir(args.model)
-    model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
+    from data.models import load_model  # a rotated checkpoint needs rotate.py's online Hadamards
+    model, tok, _ = load_model(args.model)
     prompt = args.prompt
     if args.chat:
         prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"

@@ -20,7 +20,6 @@ Run it through eval.py, which quantizes a checkpoint and measures what it costs:
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch

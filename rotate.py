@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from data.models import resolve_model_dir
 from data.wikitext2.prepare import load_test_text
-from data.tokenizer import Tokenizer
+from data.models import load_model
 from data.options import option, parse_config
-from model import BLOCK_INPUTS, RESIDUAL_WRITERS, load_checkpoint, save_checkpoint
+from model import BLOCK_INPUTS, RESIDUAL_WRITERS, load_checkpoint, save_checkpoint, write_atomically
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches
@@ -140,24 +139,41 @@ def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov:
 
 def save_rotated(model, record: dict, path):
     """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record).
-    Note: with R4 the checkpoint alone is not a plain LLaMA; it needs the online Hadamard."""
+    With R4 the weights alone are not a plain LLaMA: they need the online Hadamard, so the record
+    is written first (atomically): a directory never holds the weights without it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomically(path / "rotation.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     save_checkpoint(model, path)
-    (Path(path) / "rotation.json").write_text(json.dumps(record, indent=2))
 
 
-def load_rotated(path, dtype=torch.float32):
+def read_rotation_record(path) -> dict | None:
+    """The rotation record of a checkpoint directory (None when it has none), checked for its keys."""
+    record_file = Path(path) / "rotation.json"
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{record_file}: not valid JSON ({e})") from None
+    missing = [k for k in ("seed", "r4", "r2", "hidden_size", "intermediate_size", "head_dim") if k not in record]
+    if missing:
+        raise KeyError(f"{record_file}: missing key(s) {missing}")
+    return record
+
+
+def load_rotated(path, dtype=torch.float32, device="cpu"):
     """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
     record names. The weights are already rotated: they are not rotated again."""
     path = Path(path)
-    record_file = path / "rotation.json"
-    if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file}: no rotation record; was this saved by save_rotated?")
-    record = json.loads(record_file.read_text())
-    model = load_checkpoint(path, dtype=dtype)
+    record = read_rotation_record(path)
+    if record is None:
+        raise FileNotFoundError(f"{path / 'rotation.json'}: no rotation record; was this saved by save_rotated?")
+    model = load_checkpoint(path, dtype=dtype, device=device, stage_records_ok=True)
     cfg = model.config
     for key in ("hidden_size", "intermediate_size", "head_dim"):
         if record[key] != getattr(cfg, key):
-            raise ValueError(f"{record_file}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
+            raise ValueError(f"{path / 'rotation.json'}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
     if record["r4"]:
         for layer in model.layers:
             layer.mlp.down_input_transform = OnlineHadamard(cfg.intermediate_size)
@@ -550,8 +566,7 @@ def main(args: RotateConfig):
             plan = hadamard_plan(n)
             print(f"{n:>7} = {plan.K:>4} * {plan.power_of_two:<5} {plan.describe()}")
         return
-    model_dir = resolve_model_dir(args.model)
-    model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
+    model, tok, model_dir = load_model(args.model)
     text = Path(args.text).read_text(encoding="utf-8") if args.text else load_test_text()
     tokens = torch.tensor(tok.encode(text[: 20 * args.tokens])[: args.tokens])
     print(f"{model_dir.name}: {len(tokens)} tokens of {args.text or 'WikiText-2 test'}")

@@ -31,13 +31,13 @@ import eval as evaluation
 import lora
 import quant
 import rotate
-from data.models import resolve_model_dir
+from data.models import load_model
 from lora import LoRAConfig
 from quant import QuantConfig
 from data.wikitext2.prepare import load_test_text
-from data.tokenizer import Tokenizer
+from data.tokenizer import Tokenizer, copy_tokenizer_files
 from data.options import check_options, option, option_group, parse_config
-from model import load_checkpoint, save_checkpoint
+from model import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
 
@@ -119,6 +119,9 @@ class TrainConfig:
         unknown = [t for t in self.task_list() if t not in evaluation.TASKS]
         if unknown:
             raise ValueError(f"--tasks={self.tasks!r}: unknown {unknown}; known tasks: {', '.join(evaluation.TASKS)}")
+        if self.rotate and (Path(self.model) / "rotation.json").is_file():
+            raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
+                             "drop --rotate to fine-tune it as it is")
         if self.resume and not (Path(self.out) / "latest").is_file():
             raise FileNotFoundError(f"--resume: no checkpoint in {self.out} (no {Path(self.out) / 'latest'})")
 
@@ -352,6 +355,7 @@ class Run:
     autocast: object            # a context manager: torch.autocast or nullcontext
     log_file: object
     timings: dict = dataclasses.field(default_factory=dict)
+    model_dir: Path | None = None   # the checkpoint the run started from
     tok: Tokenizer | None = None
     pad_id: int = 0
     train_set: list = dataclasses.field(default_factory=list)  # (token ids, prompt length) per example
@@ -413,9 +417,8 @@ def load_model_and_data(r: Run):
     """The checkpoint, its tokenizer, the tokenized training and held-out examples, WikiText-2
     and the GPTQ calibration windows (from the training data, never the evaluation text)."""
     cfg = r.cfg
-    model_dir = resolve_model_dir(cfg.model)
-    model = load_checkpoint(model_dir, dtype=r.dtype, device=r.device)
-    r.tok = Tokenizer(model_dir)
+    model, r.tok, r.model_dir = load_model(cfg.model, dtype=r.dtype, device=r.device)
+    r.record = getattr(model, "rotation", None)  # a rotated checkpoint (e.g. an earlier run's OUT/merged)
     r.pad_id = r.tok.eos_id if r.tok.eos_id is not None else 0
     r.train_set = [tokenize_example(r.tok, e, cfg.seq_len) for e in load_examples(cfg.data, "train")]
     r.val_set = [tokenize_example(r.tok, e, cfg.seq_len) for e in load_examples(cfg.data, "val")]
@@ -423,8 +426,7 @@ def load_model_and_data(r: Run):
     r.wikitext = load_test_text()
     stream = [i for ids, _ in r.train_set for i in ids]
     r.calibration = quant.calibration_windows(stream, cfg.quant.calib_windows, cfg.quant.calib_seq_len, cfg.seed)
-    model.source_dir = model_dir
-    r.log(f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on {r.device}, "
+    r.log(f"model {r.model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on {r.device}, "
           f"data {cfg.data}: {len(r.train_set)} train / {len(r.val_set)} held-out examples")
     return model
 
@@ -493,7 +495,7 @@ def finetune_stage(r: Run, model) -> dict:
 def merge_stage(r: Run, model):
     """RoLoRA step 3: W' = W + (alpha / r) B A, still in the rotated basis. The adapters are saved
     first (PEFT layout), the merged model after (with its rotation record when rotated)."""
-    lora.save_adapters(model, r.out / "adapters", base_model_name_or_path=str(model.source_dir))
+    lora.save_adapters(model, r.out / "adapters", base_model_name_or_path=str(r.model_dir))
     lora.merge_lora(model, reslora_merge=r.cfg.lora.reslora_merge)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -501,6 +503,8 @@ def merge_stage(r: Run, model):
         rotate.save_rotated(model, r.record, r.out / "merged")
     elif r.cfg.export:
         save_checkpoint(model, r.out / "merged")
+    if r.cfg.export:
+        copy_tokenizer_files(r.model_dir, r.out / "merged")
 
 
 def evaluate_after(r: Run, model, rows: dict) -> dict:

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
-from data.models import resolve_model_dir  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
+from data.models import load_model  # noqa: E402
 from data.options import option, parse_config  # noqa: E402
-from model import load_checkpoint  # noqa: E402
 
 
 @dataclass
@@ -52,8 +50,7 @@ def main(argv=None):
     args = parse_config(BenchEvalConfig(), argv, prog="bench_eval.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
 
-    model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)
+    model, tokenizer, _ = load_model(args.model)
     tasks = []  # per task, as evaluate_task scores them: (requests, choices of each item)
     for task in ev.PAPER_TASKS:
         requests, items = [], []

@@ -31,11 +31,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from data.alpaca import prepare as alpaca  # noqa: E402
-from data.models import resolve_model_dir  # noqa: E402
+from data.models import load_model  # noqa: E402
 from data.wikitext2.prepare import load_test_text  # noqa: E402
-from data.tokenizer import Tokenizer  # noqa: E402
 from data.options import check_options, flag_name, option, option_group, parse_config  # noqa: E402
-from model import load_checkpoint  # noqa: E402
 from quant import QuantConfig, calibration_windows, quantize_model  # noqa: E402
 
 PPL_SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]  # (w_bits, a_bits)
@@ -157,8 +155,7 @@ def perplexities(model, tokenizer, args):
 def main(argv=None):
     args = parse_config(BenchQuantConfig(), argv, prog="bench_quant.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
-    model_dir = resolve_model_dir(args.model)
-    model, tokenizer = load_checkpoint(model_dir), Tokenizer(model_dir)
+    model, tokenizer, _ = load_model(args.model)
     if args.ppl:
         perplexities(model, tokenizer, args)
     else:

@@ -6,7 +6,20 @@ stories260K) or its tokenizer.json (SmolLM2, LLaMA-3; needs the optional `tokeni
     tok.encode("Once upon a time")            # [1, ...]: BOS first unless bos=False
 """
 import json
+import shutil
 from pathlib import Path
+
+# What a checkpoint folder holds of its tokenizer (the files Hugging Face's AutoTokenizer reads too).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def copy_tokenizer_files(source_dir, target_dir):
+    """Copy the tokenizer of one checkpoint folder into another, so the target is complete on its own."""
+    found = [name for name in TOKENIZER_FILES if (Path(source_dir) / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{source_dir}: no tokenizer file ({', '.join(TOKENIZER_FILES)}) to copy")
+    for name in found:
+        shutil.copyfile(Path(source_dir) / name, Path(target_dir) / name)
 
 
 class Tokenizer:

@@ -254,8 +254,7 @@ def test_unknown_task_is_a_clear_error():
 def test_bad_flags_are_one_line_errors_before_anything_loads(flags, message, monkeypatch, capsys):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the flags were checked")
-    monkeypatch.setattr(ev, "load_checkpoint", must_not_load)
-    monkeypatch.setattr(ev, "resolve_model_dir", must_not_load)
+    monkeypatch.setattr(ev, "load_model", must_not_load)
     with pytest.raises(SystemExit) as exit_info:
         ev.main(["--model", "unused"] + flags)
     assert exit_info.value.code == 2  # argparse's usage error

@@ -249,8 +249,12 @@ def test_save_and_load_rotated_give_the_same_logits(tmp_path, intermediate):
     assert loaded_record == record
     assert torch.allclose(loaded(idx), expected, rtol=0, atol=1e-6)
     from model import load_checkpoint
-    plain = load_checkpoint(tmp_path / "rotated")
+    with pytest.raises(ValueError, match=r"rotation\.json.*data\.models\.load_model"):
+        load_checkpoint(tmp_path / "rotated")  # a plain load would be another network, silently:
+    plain = load_checkpoint(tmp_path / "rotated", stage_records_ok=True)
     assert relative_error(plain(idx), expected) > 1e-3
+    from data.models import load_weights  # what every --model goes through
+    assert torch.allclose(load_weights(tmp_path / "rotated")(idx), expected, rtol=0, atol=1e-6)
 
 
 def test_load_rotated_needs_the_record(tmp_path):

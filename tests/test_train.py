@@ -100,7 +100,7 @@ def test_run_checks_its_config_before_loading_anything(overrides, message, tmp_p
     """train.run(cfg) called from Python validates too, before a model or dataset is touched."""
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded something before the configuration was checked")
-    for name in ("resolve_model_dir", "load_checkpoint", "load_examples"):
+    for name in ("load_model", "load_examples"):
         monkeypatch.setattr(train, name, must_not_load)
     cfg = replace_options(train.TrainConfig(), out=str(tmp_path / "run"), **overrides)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -199,14 +199,26 @@ def test_30_step_rolora_run_lowers_heldout_loss_and_quantizes(tmp_path, capsys, 
     assert set(on_disk["timings_s"]) >= {"load", "rotate", "finetune", "merge", "evaluate_after"}
     assert "| after / W4A4 |" in capsys.readouterr().out
 
-    # the exported merged model (plus its rotation record) reloads to the same held-out loss
-    import rotate
-    merged, record = rotate.load_rotated(tmp_path / "run" / "merged")
-    assert record["seed"] == cfg.seed
-    _, tok = stories
+    # the exported merged model (plus its rotation record and tokenizer) is complete on its own and
+    # reproduces the run's "after / FP" row exactly through eval.py and the one loader
+    import eval as ev
+    from data.models import load_model
+    merged_dir = tmp_path / "run" / "merged"
+    merged, tok, _ = load_model(merged_dir)
+    assert merged.rotation["seed"] == cfg.seed
     val = [train.tokenize_example(tok, e, cfg.seq_len) for e in train.load_examples("tinystories", "val")][:32]
     loss = train.heldout_loss(merged, val, tok.eos_id, 32, "cpu", torch.autocast("cpu", enabled=False))
-    assert loss == pytest.approx(rows["after / FP"]["heldout_loss"], rel=1e-5)
+    assert loss == rows["after / FP"]["heldout_loss"]
+    evaluated = ev.main(["--model", str(merged_dir), "--tasks", "arc_easy", "--limit", "8", "--ppl",
+                         "--seq-len", str(cfg.ppl_seq_len), "--ppl-windows", str(cfg.ppl_windows)])
+    assert evaluated["tasks"]["arc_easy"] == rows["after / FP"]["tasks"]["arc_easy"]
+    assert evaluated["ppl"] == rows["after / FP"]["ppl"]
+    from model import load_checkpoint
+    with pytest.raises(ValueError, match="rotation.json"):
+        load_checkpoint(merged_dir)  # a plain load would silently drop the online Hadamard
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", str(merged_dir), "--rotate"])  # rotating twice is refused
+    assert "already rotated" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,5 +1,8 @@
-"""Checkpoints: prepare.py turns the mirror's stories260K and SmolLM2 into Hugging Face folders."""
+"""Checkpoints: prepare.py turns the mirror's stories260K and SmolLM2 into Hugging Face folders;
+resolve_model_dir finds one by name; load_model loads any checkpoint the project reads or writes."""
 from pathlib import Path
+
+import torch
 
 MODELS_DIR = Path(__file__).resolve().parent
 
@@ -15,3 +18,21 @@ def resolve_model_dir(name_or_dir) -> Path:
         raise FileNotFoundError(f"--model {name_or_dir}: not a checkpoint directory (no config.json) "
                                 f"and not a known model name {NAMES}")
     return prepare_model(str(name_or_dir))
+
+
+def load_model(name_or_dir, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer, directory) for any checkpoint: the one loader behind every script's --model."""
+    from data.tokenizer import Tokenizer
+    path = resolve_model_dir(name_or_dir)
+    return load_weights(path, dtype, device), Tokenizer(path), path
+
+
+def load_weights(path, dtype=torch.float32, device="cpu"):
+    """The model of a checkpoint directory with what its stages recorded beside it: a rotated one
+    (rotation.json) gets its online Hadamards back (rotate.load_rotated); a plain one loads as it
+    is (model.load_checkpoint)."""
+    from model import load_checkpoint
+    from rotate import load_rotated
+    if (Path(path) / "rotation.json").is_file():
+        return load_rotated(path, dtype=dtype, device=device)[0]
+    return load_checkpoint(path, dtype=dtype, device=device)
