@@ -489,19 +489,20 @@ def write_atomically(path: Path, write):
         raise
 
 
-def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3):
+def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3, replace: dict | None = None):
     """Write config.json + safetensors (sharded above max_shard_bytes) in the HF layout.
 
     Each weight is read by attribute path (model.layers[3].self_attn.q_proj.weight), so a
-    module another stage swapped in for a linear only needs a `.weight` attribute."""
+    module another stage swapped in for a linear only needs a `.weight` attribute.
+    `replace` ({our name: tensor}) writes other tensors for some weights, the model untouched."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    tensors = {}
+    tensors, replace = {}, replace or {}
     for hf_name, ours in hf_state_dict_names(config).items():
-        weight = reduce(getattr, ours.split("."), model)
+        weight = replace[ours] if ours in replace else reduce(getattr, ours.split("."), model)
         tensors[hf_name] = weight.detach().to("cpu").contiguous()
     dtype = next(iter(tensors.values())).dtype
 

@@ -76,6 +76,8 @@ class TrainConfig:
     save_every: int = option(20, "checkpoint every N steps", at_least=1)
     resume: bool = option(False, "continue from the last checkpoint in --out")
     export: bool = option(True, "save the merged full-precision model (and rotation record) to OUT/merged")
+    export_hf: bool = option(False, "also save OUT/hf: the merged model as a plain LLaMA checkpoint (online "
+                             "Hadamard folded back) that transformers and lm-evaluation-harness load unchanged")
     # quantization after merging (quant.py)
     bits: int | None = option(None, "shorthand for --w-bits N --a-bits N (wins over them)")
     quant: QuantConfig = option_group(QuantConfig, "quantization after merging (quant.py)",
@@ -382,14 +384,40 @@ class Run:
 
 @contextmanager
 def open_run(cfg: TrainConfig):
-    """The Run of a validated config: device and precision chosen, the output folder and its log open."""
+    """The Run of a validated config: device and precision chosen, the output folder locked (one
+    run at a time may write it) and its log open."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device.startswith("cuda") else nullcontext()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "log.txt").open("a") as log_file:
+    with locked_output_folder(out), (out / "log.txt").open("a") as log_file:
         yield Run(cfg, out, device, torch.bfloat16 if use_bf16 else torch.float32, autocast, log_file)
+
+
+@contextmanager
+def locked_output_folder(out: Path):
+    """Hold an exclusive lock on OUT/.lock while the run writes OUT: a second train.py on the same
+    --out (a --resume started too early, say) stops at once, naming the running one, instead of
+    both writing the same checkpoints. The operating system drops the lock if the holder dies."""
+    import fcntl
+    handle = (out / ".lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(f"--out {out}: a run is already writing this folder ({holder}); wait for it to "
+                           "finish, or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -505,6 +533,9 @@ def merge_stage(r: Run, model):
         save_checkpoint(model, r.out / "merged")
     if r.cfg.export:
         copy_tokenizer_files(r.model_dir, r.out / "merged")
+    if r.cfg.export_hf:
+        rotate.export_plain_llama(model, r.out / "hf")
+        copy_tokenizer_files(r.model_dir, r.out / "hf")
 
 
 def evaluate_after(r: Run, model, rows: dict) -> dict:
@@ -552,5 +583,5 @@ def report(r: Run, rows: dict, history: dict) -> dict:
 if __name__ == "__main__":
     try:
         run(parse_args())
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, RuntimeError) as e:
         sys.exit(f"train.py: {e}")

@@ -4,6 +4,7 @@ flag the README quotes numbers for (--qat, --quant gptq, --variant reslora, --gr
 --grad-accum) really changes what runs, or provably does not change the result."""
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -106,6 +107,18 @@ def test_run_checks_its_config_before_loading_anything(overrides, message, tmp_p
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.run(cfg)
     assert not (tmp_path / "run").exists()  # nothing written either
+
+
+def test_a_second_run_on_the_same_out_is_refused_naming_the_first(tmp_path, monkeypatch):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the second run started loading")
+    monkeypatch.setattr(train, "load_model", must_not_load)
+    cfg = replace_options(train.TrainConfig(), out=str(tmp_path / "run"))
+    with train.open_run(cfg):  # the first run, still writing
+        with pytest.raises(RuntimeError, match=rf"already writing this folder \(pid {os.getpid()}, started"):
+            train.run(cfg)
+    with pytest.raises(AssertionError, match="second run started loading"):
+        train.run(cfg)  # once the first has finished, the folder is free again
 
 
 @pytest.mark.parametrize("flag", ["max_steps", "eval_limit", "ppl_windows", "val_examples"])
