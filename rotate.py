@@ -147,6 +147,28 @@ def save_rotated(model, record: dict, path):
     save_checkpoint(model, path)
 
 
+def export_plain_llama(model, path):
+    """Write a rotated (merged) model as a checkpoint any LLaMA loader runs unchanged, such as
+    transformers' LlamaForCausalLM: R4's online Hadamard is folded back into down_proj
+    ((z M^T)(W M^T)^T = z W^T, so down_proj gets W = (W M^T) M), exact up to one rounding; R1,
+    R2 and the fused norms are plain LLaMA weights already. The model itself is not changed."""
+    leftovers = sorted({type(m).__name__ for m in model.modules()} & {"LoRALinear", "ResLoRALinear", "QuantLinear",
+                                                                       "ActQuantizer"})
+    if leftovers:
+        raise ValueError(f"export_plain_llama: the model still has {leftovers}; merge the adapters (merge_lora) "
+                         "and export the full-precision model (quantizers have no plain LLaMA form)")
+    folded = {}
+    for i, layer in enumerate(model.layers):
+        transform = layer.mlp.down_input_transform
+        if isinstance(transform, OnlineHadamard):
+            W = layer.mlp.down_proj.weight.detach()
+            folded[f"layers.{i}.mlp.down_proj.weight"] = walsh_hadamard_transform(W.double(), transpose=True).to(W.dtype)
+        elif not isinstance(transform, nn.Identity):
+            raise ValueError(f"export_plain_llama: layers.{i}.mlp.down_input_transform is a "
+                             f"{type(transform).__name__}, which has no plain LLaMA form")
+    save_checkpoint(model, path, replace=folded)
+
+
 def read_rotation_record(path) -> dict | None:
     """The rotation record of a checkpoint directory (None when it has none), checked for its keys."""
     record_file = Path(path) / "rotation.json"
@@ -290,16 +312,15 @@ SITES = {shared.linears[0]: name for shared, name in zip(BLOCK_INPUTS, ("attn_in
 
 
 @torch.no_grad()
-def activation_stats(model, tokens: torch.Tensor) -> list[dict]:
-    """Rows {layer, site, max_over_rms, kurtosis} for the residual stream entering each block and
-    each linear's input (down_in is taken after the online Hadamard, as down_proj sees it)."""
-    rows, hooks = [], []
-
+def _watch_inputs(model, tokens: torch.Tensor, see):
+    """Run the model on tokens, calling see(layer, site, x) with the residual stream entering each
+    block and each SITES input (down_in after the online Hadamard, as down_proj sees it)."""
     def record(layer, site):
         def hook(module, args):
-            rows.append({"layer": layer, "site": site, **outlier_stats(args[0])})
+            see(layer, site, args[0])  # returns None: the input is not changed
         return hook
 
+    hooks = []
     for i, block in enumerate(model.layers):
         hooks.append(block.register_forward_pre_hook(record(i, "residual")))
         hooks += [block.get_submodule(name).register_forward_pre_hook(record(i, site))
@@ -309,7 +330,39 @@ def activation_stats(model, tokens: torch.Tensor) -> list[dict]:
     finally:
         for h in hooks:
             h.remove()
+
+
+def activation_stats(model, tokens: torch.Tensor) -> list[dict]:
+    """Rows {layer, site, max_over_rms, kurtosis} for every input _watch_inputs sees."""
+    rows = []
+    _watch_inputs(model, tokens, lambda layer, site, x: rows.append(
+        {"layer": layer, "site": site, **outlier_stats(x)}))
     return rows
+
+
+def channel_maxima(model, tokens: torch.Tensor, inputs: list[tuple[int, str]]) -> dict:
+    """{(layer, site): (channels,) float64} max over the tokens of |x[token, channel]| at each asked
+    input: the paper's outlier picture, where a few channels stand out before rotation."""
+    maxima = {}
+
+    def see(layer, site, x):
+        if (layer, site) in inputs:
+            maxima[(layer, site)] = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).double().cpu()
+    _watch_inputs(model, tokens, see)
+    return maxima
+
+
+def plot_inputs(rows: list[dict], sites: str = "", layer: int | None = None) -> list[tuple[int, str]]:
+    """The (layer, site) pairs to plot: the comma-separated sites (default: the worst one) at
+    `layer` (default: the layer of the largest max|x|/RMS in `rows` among those sites)."""
+    names = [s for s in sites.split(",") if s]
+    candidates = [r for r in rows if (r["site"] in names if names else r["site"] != "residual")
+                  and layer in (None, r["layer"])]
+    if not candidates:
+        raise ValueError(f"--plot-layer={layer} --plot-sites={sites!r}: no such input; layers "
+                         f"0..{max(r['layer'] for r in rows)}, sites {', '.join(['residual', *SITES.values()])}")
+    worst = max(candidates, key=lambda r: r["max_over_rms"])
+    return [(worst["layer"], site) for site in names or [worst["site"]]]
 
 
 def print_table(before: list[dict], after: list[dict]):
@@ -331,24 +384,31 @@ def print_table(before: list[dict], after: list[dict]):
               f"mean kurtosis {sum(r['kurtosis'] for r in rows) / len(rows):.1f}")
 
 
-def plot_outliers(before: list[dict], after: list[dict], path: Path):
+def plot_outliers(before: dict, after: dict, path: Path, n_tokens: int):
+    """One panel per input of channel_maxima's {(layer, site): maxima}, original vs rotated;
+    returns the figure, or None without matplotlib."""
     try:
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no display, no global state
     except ImportError:
         return print(f"matplotlib is not installed: no plot written (would be {path})")
-    sites = ["residual", *SITES.values()]
-    fig, axes = plt.subplots(1, len(sites), figsize=(4 * len(sites), 3.2), sharey=True)
-    for ax, site in zip(axes, sites):
-        for tag, rows in (("original", before), ("rotated", after)):
-            points = [(r["layer"], r["max_over_rms"]) for r in rows if r["site"] == site]
-            ax.plot(*zip(*points), "o-", label=tag)
-        ax.set(title=site, xlabel="layer", yscale="log")
-    axes[0].set(ylabel="max |x| / RMS (worst token)")
-    axes[0].legend()
+    reads = {site: "/".join(p.rsplit(".", 1)[-1] for p in shared.linears) + " input"
+             for shared, site in zip(BLOCK_INPUTS, SITES.values())} | {"residual": "residual stream"}
+    fig = Figure(figsize=(10, 3.4 * len(before)), layout="tight")
+    axes = fig.subplots(len(before), 1, squeeze=False)
+    for ax, (layer, site) in zip(axes[:, 0], before):
+        for tag, maxima in (("original", before), ("rotated", after)):
+            m = maxima[(layer, site)]
+            ax.plot(m, lw=0.8, label=f"{tag}: max {m.max():.3g} (channel {int(m.argmax())}), median {m.median():.3g}")
+        ax.set(title=f"layer {layer}, {site} ({reads[site]})",
+               xlabel="channel", ylabel="max over tokens of |x|", yscale="log", xlim=(0, len(m) - 1))
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo, hi * (hi / lo) ** 0.4)  # headroom: the legend hides no spike
+        ax.legend(loc="upper right")
+    fig.suptitle(f"Per-channel max |x| over {n_tokens} tokens: outlier channels before rotation, spread after")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -551,8 +611,19 @@ class RotateConfig:
     rotate_ov: bool = option(False, "R2: per-head Hadamard on values")
     tokens: int = option(256, "how many WikiText-2 tokens to measure on", at_least=1)
     text: str = option("", "text file to measure on (default: WikiText-2 test)")
-    plot: str = option("out/rotate_outliers.png", "PNG of per-layer ratios")
+    plot: str = option("out/rotate_outliers.png", "PNG of per-channel max|x|, original vs rotated ('': none)")
+    plot_sites: str = option("", "comma-separated inputs to plot: residual, " + ", ".join(SITES.values())
+                             + " ('': the one with the largest original max|x|/RMS)")
+    plot_layer: int | None = option(None, "layer to plot (none: the one with the largest original "
+                                    "max|x|/RMS among the plotted sites)", at_least=0)
     sizes: str = option("", "comma-separated sizes: print their plans, exit")
+
+    def validate(self):
+        from data.options import check_options
+        check_options(self)
+        unknown = [s for s in self.plot_sites.split(",") if s and s not in ("residual", *SITES.values())]
+        if unknown:
+            raise ValueError(f"--plot-sites: unknown {unknown}; choose from residual, {', '.join(SITES.values())}")
 
 
 def parse_args(argv=None) -> RotateConfig:
@@ -571,14 +642,22 @@ def main(args: RotateConfig):
     tokens = torch.tensor(tok.encode(text[: 20 * args.tokens])[: args.tokens])
     print(f"{model_dir.name}: {len(tokens)} tokens of {args.text or 'WikiText-2 test'}")
     before = activation_stats(model, tokens)
+    inputs = plot_inputs(before, args.plot_sites, args.plot_layer)
+    maxima_before = channel_maxima(model, tokens, inputs)
     logits = model(tokens[None])
     record = rotate_model(model, args.seed, args.online_down_proj, args.rotate_ov)
     after = activation_stats(model, tokens)
+    maxima_after = channel_maxima(model, tokens, inputs)
     error = (model(tokens[None]) - logits).abs().max() / logits.abs().max()
     print(f"rotation: {json.dumps({k: record[k] for k in ('seed', 'r4', 'r2', 'fallbacks')})}")
     print(f"max |logits rotated - original| / max |logits| = {error:.2e} (float32)")
     print_table(before, after)
-    plot_outliers(before, after, ROOT / args.plot)
+    for (layer, site), a in maxima_before.items():
+        b = maxima_after[(layer, site)]
+        print(f"per-channel max|x| at layer {layer} {site}: original {a.max():.3g} (channel {int(a.argmax())}, "
+              f"median {a.median():.3g}) > rotated {b.max():.3g} (channel {int(b.argmax())}, median {b.median():.3g})")
+    if args.plot:
+        plot_outliers(maxima_before, maxima_after, ROOT / args.plot, len(tokens))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ leaves its function unchanged while removing its outliers.
 """
 import copy
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -326,3 +328,107 @@ def test_rotated_smollm2_is_the_same_model_and_loses_its_outliers(smollm_model, 
     after = linear_inputs(activation_stats(rotated, idx))
     print(f"SmolLM2-135M largest max|x|/RMS over linear inputs: {before:.1f} -> {after:.1f}")
     assert after < 0.5 * before
+
+
+# -----------------------------------------------------------------------------
+# The per-channel outlier picture (rotate.py --plot)
+
+OUTLIER_CHANNEL = 37
+
+
+def planted_outlier_model(**overrides):
+    """tiny_model whose residual stream has one dominant channel in every token (a massive
+    activation: its embedding column is 5, the other entries ~0.1)."""
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        model.embed_tokens.weight[:, OUTLIER_CHANNEL] = 5.0
+    return model
+
+
+def test_channel_maxima_find_the_planted_outlier_and_rotation_flattens_it():
+    model, idx = planted_outlier_model(), torch.arange(40)
+    inputs = [(0, "residual"), (0, "attn_in"), (1, "down_in")]
+    before = rotate.channel_maxima(model, idx, inputs)
+    assert list(before) == inputs and before[(1, "down_in")].shape == (96,)
+    expected = model.layers[0].input_layernorm(model.embed_tokens(idx)).abs().amax(0)  # by hand
+    assert torch.allclose(before[(0, "attn_in")], expected.double())
+    rotate_model(model)
+    after = rotate.channel_maxima(model, idx, inputs)
+    peak = lambda m: (m.max() / m.median()).item()  # about 21 before, 1.2 after
+    for key in inputs[:2]:
+        assert int(before[key].argmax()) == OUTLIER_CHANNEL, key
+        assert peak(before[key]) > 10 * peak(after[key]) and peak(after[key]) < 1.5, key
+
+
+def test_plot_inputs_default_is_the_worst_and_flags_choose():
+    rows = activation_stats(planted_outlier_model(), torch.arange(40))
+    worst = max((r for r in rows if r["site"] != "residual"), key=lambda r: r["max_over_rms"])
+    assert rotate.plot_inputs(rows) == [(worst["layer"], worst["site"])]
+    rows[5]["max_over_rms"] = 1e3  # layer 1's residual: plotted when asked for, else only linear inputs
+    assert rows[5]["site"] == "residual" and rotate.plot_inputs(rows) == [(worst["layer"], worst["site"])]
+    assert rotate.plot_inputs(rows, "residual") == [(1, "residual")]
+    assert rotate.plot_inputs(rows, "down_in,attn_in", 1) == [(1, "down_in"), (1, "attn_in")]
+    layer = max((r for r in rows if r["site"] == "down_in"), key=lambda r: r["max_over_rms"])["layer"]
+    assert rotate.plot_inputs(rows, "down_in") == [(layer, "down_in")]
+    with pytest.raises(ValueError, match="no such input"):
+        rotate.plot_inputs(rows, "", 2)
+    with pytest.raises(SystemExit):
+        rotate.parse_args(["--plot-sites", "down_proj"])
+
+
+def read_png(path):
+    """(image array, number of distinct pixel colours) of a PNG, via matplotlib."""
+    image = pytest.importorskip("matplotlib.image").imread(path)
+    return image, len(torch.unique(torch.from_numpy(image).reshape(-1, image.shape[-1]), dim=0))
+
+
+def test_plot_outliers_draws_original_and_rotated_per_channel(tmp_path):
+    pytest.importorskip("matplotlib")
+    model, idx = planted_outlier_model(), torch.arange(40)
+    inputs = [(0, "attn_in"), (1, "down_in")]
+    before = rotate.channel_maxima(model, idx, inputs)
+    rotate_model(model)
+    after = rotate.channel_maxima(model, idx, inputs)
+    fig = rotate.plot_outliers(before, after, tmp_path / "sub" / "outliers.png", len(idx))
+    image, colours = read_png(tmp_path / "sub" / "outliers.png")
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 200 and colours > 10
+    assert len(fig.axes) == len(inputs)
+    for ax, key in zip(fig.axes, inputs):
+        assert f"layer {key[0]}, {key[1]}" in ax.get_title() and ax.get_yscale() == "log"
+        original, rotated = ax.get_lines()
+        assert original.get_label().startswith("original") and rotated.get_label().startswith("rotated")
+        assert torch.equal(torch.as_tensor(original.get_ydata()), before[key])
+        assert torch.equal(torch.as_tensor(rotated.get_ydata()), after[key])
+
+
+def test_plot_outliers_without_matplotlib_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    maxima = {(0, "attn_in"): torch.ones(8, dtype=torch.float64)}
+    assert rotate.plot_outliers(maxima, maxima, tmp_path / "outliers.png", 8) is None
+    assert "matplotlib is not installed" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_plot_command_writes_the_chosen_layer(tmp_path, stories_dir, capsys):
+    pytest.importorskip("matplotlib")
+    import shutil
+    from model import save_checkpoint
+    save_checkpoint(planted_outlier_model(vocab_size=512), tmp_path / "ckpt")
+    shutil.copy(stories_dir / "tokenizer.model", tmp_path / "ckpt")
+    (tmp_path / "text.txt").write_text("Once upon a time, there was a little girl named Lily. " * 4)
+    png = tmp_path / "out" / "outliers.png"
+    argv = ["--model", str(tmp_path / "ckpt"), "--text", str(tmp_path / "text.txt"), "--tokens", "32"]
+    rotate.main(rotate.parse_args([*argv, "--plot", str(png), "--plot-sites", "down_in,attn_in", "--plot-layer", "1"]))
+    out = capsys.readouterr().out
+    assert "per-channel max|x| at layer 1 attn_in" in out and "per-channel max|x| at layer 1 down_in" in out
+    assert f"wrote {png}" in out
+    image, colours = read_png(png)
+    assert colours > 10
+    png.unlink()
+    rotate.main(rotate.parse_args([*argv, "--plot", str(png)]))  # default: the worst linear input
+    out = capsys.readouterr().out
+    layer, site = re.search(r"original: largest max\|x\|/RMS over linear inputs \S+ \(layer (\d+) (\w+)\)", out).groups()
+    assert re.findall(r"per-channel max\|x\| at layer (\d+) (\w+)", out) == [(layer, site)] and png.is_file()
+    original, rotated = re.search(r"per-channel .*: original (\S+) .* > rotated (\S+)", out).groups()
+    assert float(original) > 2 * float(rotated)  # measured on the model before and after rotating
