@@ -566,6 +566,9 @@ class EvalConfig:
             quant.check_bits(self.bits, "--bits")
         self.quant.validate()
         check_options(self)
+        if self.quant.quantizes and (Path(self.model) / "quantization.json").is_file():
+            raise ValueError(f"--w-bits/--a-bits/--kv-bits: {self.model} is already quantized "
+                             f"({Path(self.model) / 'quantization.json'}); it loads quantized, drop them")
         if self.rotate and (Path(self.model) / "rotation.json").is_file():
             raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
                              "it loads with its rotation, drop --rotate")

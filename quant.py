@@ -12,7 +12,9 @@ The pieces, top to bottom:
   3. modules: `ActQuantizer` (dynamic per token), `QuantLinear` (input quantizer, then
      the linear with its stored quantized weight);
   4. `quantize_model(model, w_bits=4, a_bits=4, ...)`: swaps the seven linears of every
-     block for QuantLinears in place; GPTQ runs block by block on calibration windows.
+     block for QuantLinears in place; GPTQ runs block by block on calibration windows;
+  5. `save_quantized` / `load_quantized`: the quantized model as integer codes (two per byte
+     at 4 bits), scales and zero points, reloaded bit for bit without calibration.
 
 Run it through eval.py, which quantizes a checkpoint and measures what it costs:
     python eval.py --model smollm2-135m-instruct --w-bits 4 --a-bits 4 --quant gptq --ppl
@@ -173,15 +175,20 @@ def weight_scale_zero(weight: torch.Tensor, bits: int, group_size: int | None = 
 
 
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
-                        symmetric: bool = True, clip_search: bool = True) -> torch.Tensor:
-    """Round-to-nearest weight quantization; returns the dequantized weight (same dtype).
+                        symmetric: bool = True, clip_search: bool = True,
+                        return_grid: bool = False) -> "torch.Tensor | WeightOnGrid":
+    """Round-to-nearest weight quantization; returns the dequantized weight (same dtype), or
+    with return_grid a WeightOnGrid of a weight (out, in).
     Differentiable by the straight-through estimator (the grid is chosen without gradient)."""
     check_bits(bits, "w_bits")
     rows = group_rows(weight, "row" if group_size is None else "group", group_size)
-    scale, zero = weight_scale_zero(weight.detach(), bits, group_size, symmetric, clip_search)
+    scale, zero = weight_scale_zero(weight.detach(), bits, group_size, symmetric, clip_search)  # (rows, 1)
     qmin, qmax = integer_range(bits, symmetric)
     out = round_to_grid(rows.float(), scale, None if symmetric else zero, qmin, qmax)
-    return out.reshape(weight.shape).to(weight.dtype)
+    out = out.reshape(weight.shape).to(weight.dtype)
+    if not return_grid:
+        return out
+    return WeightOnGrid(out, scale.view(weight.shape[0], -1), zero.view(weight.shape[0], -1))
 
 
 class WeightOnGrid(NamedTuple):
@@ -328,13 +335,16 @@ class QuantLinear(nn.Module):
     """y = F.linear(input_quantizer(x), weight, bias): an nn.Linear look-alike.
 
     `weight` is stored already quantized (dequantized values on the grid), so a forward
-    costs one activation quantization more than nn.Linear. With a `weight_quantizer`, a
-    function such as partial(quantize_weight_rtn, bits=4) (QAT of full weights), `weight`
-    holds the float weight, quantized at every forward.
+    costs one activation quantization more than nn.Linear. Its grid, `grid` = (scale, zero)
+    of shape (out, n_groups) as in WeightOnGrid, is kept as `weight_scale` and `weight_zero`
+    (None for a 16-bit weight), so that save_quantized can store integer codes. With a
+    `weight_quantizer`, a function such as partial(quantize_weight_rtn, bits=4) (QAT of full
+    weights), `weight` holds the float weight, quantized at every forward.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 input_quantizer: nn.Module | None = None, weight_quantizer=None):
+                 input_quantizer: nn.Module | None = None, weight_quantizer=None,
+                 grid: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         # an existing Parameter is kept as it is (a tied lm_head stays tied)
@@ -342,6 +352,10 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.input_quantizer = input_quantizer or nn.Identity()
         self.weight_quantizer = weight_quantizer
+        # buffers follow the weight's device; not persistent: state_dict() stays an nn.Linear's
+        scale, zero = grid if grid is not None else (None, None)
+        self.register_buffer("weight_scale", scale, persistent=False)  # (out, n_groups)
+        self.register_buffer("weight_zero", zero, persistent=False)    # (out, n_groups)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, w_bits: int = 16, a_bits: int = 16, *,
@@ -353,13 +367,16 @@ class QuantLinear(nn.Module):
         weight, bias = linear.weight, getattr(linear, "bias", None)
         input_quantizer = ActQuantizer(a_bits, a_symmetric, a_clip_ratio) if a_bits < 16 else None
         weight_quantizer = None
+        # a weight kept as it is keeps its grid (GPTQ's, or an earlier QuantLinear's)
+        grid = (linear.weight_scale, linear.weight_zero) if isinstance(linear, QuantLinear) else None
         if w_bits < 16 and quantize_weight_every_forward:
             weight_quantizer = partial(quantize_weight_rtn, bits=w_bits, group_size=w_group_size,
                                        symmetric=w_symmetric, clip_search=w_clip_search)
-            weight = nn.Parameter(weight.detach().clone())  # the float weight stays trainable
+            weight, grid = nn.Parameter(weight.detach().clone()), None  # the float weight stays trainable
         elif w_bits < 16:
-            weight = quantize_weight_rtn(weight.detach(), w_bits, w_group_size, w_symmetric, w_clip_search)
-        return cls(weight, bias, input_quantizer, weight_quantizer)
+            weight, *grid = quantize_weight_rtn(weight.detach(), w_bits, w_group_size, w_symmetric, w_clip_search,
+                                                return_grid=True)
+        return cls(weight, bias, input_quantizer, weight_quantizer, grid)
 
     def forward(self, x):
         weight = self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
@@ -499,10 +516,11 @@ def gptq_quantize_blocks(model: nn.Module, calibration: torch.Tensor, config: Qu
                 handle.remove()
             H = hessian.hessian()
             for path, linear in linears.items():
-                weight = gptq_quantize_weight(
+                weight, *grid = gptq_quantize_weight(
                     linear.weight, H, config.w_bits, config.w_group_size, config.w_symmetric,
-                    config.w_clip_search, config.gptq_block_size, config.gptq_damp_ratio, config.gptq_act_order)
-                replace_module(block, path, QuantLinear(weight, getattr(linear, "bias", None)))
+                    config.w_clip_search, config.gptq_block_size, config.gptq_damp_ratio, config.gptq_act_order,
+                    return_grid=True)
+                replace_module(block, path, QuantLinear(weight, getattr(linear, "bias", None), grid=grid))
         # this block's outputs, with its quantized weights, are the next block's inputs
         block_inputs = [(block(x, *args, **kwargs), args, kwargs) for x, args, kwargs in block_inputs]
 

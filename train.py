@@ -32,6 +32,7 @@ import lora
 import quant
 import rotate
 from data.models import load_model
+from data.models.quantized import save_quantized
 from lora import LoRAConfig
 from quant import QuantConfig
 from data.wikitext2.prepare import load_test_text
@@ -75,7 +76,8 @@ class TrainConfig:
     eval_every: int = option(20, "held-out loss every N steps", at_least=1)
     save_every: int = option(20, "checkpoint every N steps", at_least=1)
     resume: bool = option(False, "continue from the last checkpoint in --out")
-    export: bool = option(True, "save the merged full-precision model (and rotation record) to OUT/merged")
+    export: bool = option(True, "save the merged model to OUT/merged (with its rotation record) and the "
+                                "quantized one to OUT/quantized")
     export_hf: bool = option(False, "also save OUT/hf: the merged model as a plain LLaMA checkpoint (online "
                              "Hadamard folded back) that transformers and lm-evaluation-harness load unchanged")
     # quantization after merging (quant.py)
@@ -539,10 +541,15 @@ def merge_stage(r: Run, model):
 
 
 def evaluate_after(r: Run, model, rows: dict) -> dict:
-    """RoLoRA step 4: the merged model in full precision, then post-training quantized."""
+    """RoLoRA step 4: the merged model in full precision, then post-training quantized; the
+    quantized model is saved (OUT/quantized) to be evaluated again without calibrating."""
     after = {"after / FP": evaluate_row(r, model)}
     if r.cfg.quant.quantizes:
-        after[f"after / {r.cfg.quant.label()}"] = evaluate_row(r, quantized_copy(r, model))
+        quantized = quantized_copy(r, model)
+        after[f"after / {r.cfg.quant.label()}"] = evaluate_row(r, quantized)
+        if r.cfg.export:
+            save_quantized(quantized, r.out / "quantized")
+            copy_tokenizer_files(r.model_dir, r.out / "quantized")
     return after
 
 

@@ -229,6 +229,15 @@ def test_30_step_rolora_run_lowers_heldout_loss_and_quantizes(tmp_path, capsys, 
     from model import load_checkpoint
     with pytest.raises(ValueError, match="rotation.json"):
         load_checkpoint(merged_dir)  # a plain load would silently drop the online Hadamard
+    # OUT/quantized reloads with no calibration to the very "after / W4A4" numbers
+    quantized, _, _ = load_model(tmp_path / "run" / "quantized")
+    loss = train.heldout_loss(quantized, val, tok.eos_id, 32, "cpu", torch.autocast("cpu", enabled=False))
+    assert loss == rows["after / W4A4"]["heldout_loss"]
+    again = ev.main(["--model", str(tmp_path / "run" / "quantized"), "--tasks", "arc_easy", "--limit", "8"])
+    assert again["tasks"]["arc_easy"] == rows["after / W4A4"]["tasks"]["arc_easy"]
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", str(tmp_path / "run" / "quantized"), "--bits", "4"])  # quantizing twice
+    assert "already quantized" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ev.parse_args(["--model", str(merged_dir), "--rotate"])  # rotating twice is refused
     assert "already rotated" in capsys.readouterr().err
