@@ -432,3 +432,20 @@ def test_plot_command_writes_the_chosen_layer(tmp_path, stories_dir, capsys):
     assert re.findall(r"per-channel max\|x\| at layer (\d+) (\w+)", out) == [(layer, site)] and png.is_file()
     original, rotated = re.search(r"per-channel .*: original (\S+) .* > rotated (\S+)", out).groups()
     assert float(original) > 2 * float(rotated)  # measured on the model before and after rotating
+
+
+def test_a_rotation_record_that_does_not_fit_is_a_clear_error(tmp_path):
+    import json
+    model = tiny_model(seed=1)
+    record = rotate_model(model, seed=2)
+    save_rotated(model, record, tmp_path / "rotated")
+    record_file = tmp_path / "rotated" / "rotation.json"
+    record_file.write_text(json.dumps(record | {"intermediate_size": 172}))
+    with pytest.raises(ValueError, match=r"rotation\.json: intermediate_size=172 but config\.json has 96"):
+        load_rotated(tmp_path / "rotated")
+    record_file.write_text(json.dumps({k: v for k, v in record.items() if k != "r4"}))
+    with pytest.raises(KeyError, match=r"rotation\.json: missing key\(s\) \['r4'\]"):
+        load_rotated(tmp_path / "rotated")
+    record_file.write_text("{not json")
+    with pytest.raises(ValueError, match=r"rotation\.json: not valid JSON"):
+        load_rotated(tmp_path / "rotated")
