@@ -48,3 +48,12 @@ def smollm_model(smollm_dir):
     """fp32 SmolLM2-135M-Instruct. Shared by tests: deepcopy before changing it."""
     from model import load_checkpoint
     return load_checkpoint(smollm_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run best on one thread: a second one only adds synchronisation (ruinous on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from data.wikitext2.prepare import load_test_text
 from helpers import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second thread only adds synchronisation (ruinous on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models run best on one thread
 
 
 class WordTokenizer:

@@ -23,12 +23,7 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
          "One day, she saw a big red ball.")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_eval_imports_without_lm_eval():
