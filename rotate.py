@@ -7,8 +7,8 @@ network's function is unchanged, but an outlier channel is spread over all chann
 Hadamard before down_proj (R4) does the same for the SwiGLU output, and an optional per-head
 Hadamard between v_proj and o_proj (R2) for the attention values.
 
-The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, `rotate_model`, saving and
-reloading a rotated model; 2. the random-sign Hadamard matrix and its fast Walsh-Hadamard
+The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, `rotate_model` (a rotated
+model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard matrix and its fast Walsh-Hadamard
 transform; 3. `activation_stats`, which measures the outliers before and after; 4. how the
 Hadamard matrices are built, from Sylvester's and Paley's constructions (any n = K * 2^m they
 reach, else a reported random orthogonal fallback): read it last, or never.
@@ -29,7 +29,7 @@ import torch.nn as nn
 from data.wikitext2.prepare import load_test_text
 from data.models import load_model
 from data.options import option, parse_config
-from model import BLOCK_INPUTS, RESIDUAL_WRITERS, load_checkpoint, save_checkpoint, write_atomically
+from model import BLOCK_INPUTS, RESIDUAL_WRITERS
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches
@@ -135,72 +135,6 @@ def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov:
                       "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim,
                       "transforms": {what: hadamard_plan(n).describe() for n, what in used}}
     return model.rotation
-
-
-def save_rotated(model, record: dict, path):
-    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record).
-    With R4 the weights alone are not a plain LLaMA: they need the online Hadamard, so the record
-    is written first (atomically): a directory never holds the weights without it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomically(path / "rotation.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    save_checkpoint(model, path)
-
-
-def export_plain_llama(model, path):
-    """Write a rotated (merged) model as a checkpoint any LLaMA loader runs unchanged, such as
-    transformers' LlamaForCausalLM: R4's online Hadamard is folded back into down_proj
-    ((z M^T)(W M^T)^T = z W^T, so down_proj gets W = (W M^T) M), exact up to one rounding; R1,
-    R2 and the fused norms are plain LLaMA weights already. The model itself is not changed."""
-    leftovers = sorted({type(m).__name__ for m in model.modules()} & {"LoRALinear", "ResLoRALinear", "QuantLinear",
-                                                                       "ActQuantizer"})
-    if leftovers:
-        raise ValueError(f"export_plain_llama: the model still has {leftovers}; merge the adapters (merge_lora) "
-                         "and export the full-precision model (quantizers have no plain LLaMA form)")
-    folded = {}
-    for i, layer in enumerate(model.layers):
-        transform = layer.mlp.down_input_transform
-        if isinstance(transform, OnlineHadamard):
-            W = layer.mlp.down_proj.weight.detach()
-            folded[f"layers.{i}.mlp.down_proj.weight"] = walsh_hadamard_transform(W.double(), transpose=True).to(W.dtype)
-        elif not isinstance(transform, nn.Identity):
-            raise ValueError(f"export_plain_llama: layers.{i}.mlp.down_input_transform is a "
-                             f"{type(transform).__name__}, which has no plain LLaMA form")
-    save_checkpoint(model, path, replace=folded)
-
-
-def read_rotation_record(path) -> dict | None:
-    """The rotation record of a checkpoint directory (None when it has none), checked for its keys."""
-    record_file = Path(path) / "rotation.json"
-    if not record_file.is_file():
-        return None
-    try:
-        record = json.loads(record_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{record_file}: not valid JSON ({e})") from None
-    missing = [k for k in ("seed", "r4", "r2", "hidden_size", "intermediate_size", "head_dim") if k not in record]
-    if missing:
-        raise KeyError(f"{record_file}: missing key(s) {missing}")
-    return record
-
-
-def load_rotated(path, dtype=torch.float32, device="cpu"):
-    """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
-    record names. The weights are already rotated: they are not rotated again."""
-    path = Path(path)
-    record = read_rotation_record(path)
-    if record is None:
-        raise FileNotFoundError(f"{path / 'rotation.json'}: no rotation record; was this saved by save_rotated?")
-    model = load_checkpoint(path, dtype=dtype, device=device, stage_records_ok=True)
-    cfg = model.config
-    for key in ("hidden_size", "intermediate_size", "head_dim"):
-        if record[key] != getattr(cfg, key):
-            raise ValueError(f"{path / 'rotation.json'}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
-    if record["r4"]:
-        for layer in model.layers:
-            layer.mlp.down_input_transform = OnlineHadamard(cfg.intermediate_size)
-    model.rotation = record
-    return model, record
 
 
 # -----------------------------------------------------------------------------

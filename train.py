@@ -33,6 +33,7 @@ import quant
 import rotate
 from data.models import load_model
 from data.models.quantized import save_quantized
+from data.models.rotated import export_plain_llama, save_rotated
 from lora import LoRAConfig
 from quant import QuantConfig
 from data.wikitext2.prepare import load_test_text
@@ -530,13 +531,13 @@ def merge_stage(r: Run, model):
     for p in model.parameters():
         p.requires_grad_(False)
     if r.cfg.export and r.record is not None:
-        rotate.save_rotated(model, r.record, r.out / "merged")
+        save_rotated(model, r.record, r.out / "merged")
     elif r.cfg.export:
         save_checkpoint(model, r.out / "merged")
     if r.cfg.export:
         copy_tokenizer_files(r.model_dir, r.out / "merged")
     if r.cfg.export_hf:
-        rotate.export_plain_llama(model, r.out / "hf")
+        export_plain_llama(model, r.out / "hf")
         copy_tokenizer_files(r.model_dir, r.out / "hf")
 
 

@@ -1,4 +1,4 @@
-"""rotate.export_plain_llama: a rotated, LoRA-trained, merged model written as a plain LLaMA checkpoint
+"""data.models.rotated.export_plain_llama: a rotated, LoRA-trained, merged model written as a plain LLaMA checkpoint
 that Hugging Face transformers runs unchanged (R4's online Hadamard folded back into down_proj)."""
 import pytest
 import torch
@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import lora
 import quant
 import rotate
+from data.models.rotated import export_plain_llama
 from helpers import tiny_model
 from model import load_checkpoint, save_checkpoint
 
@@ -42,7 +43,7 @@ def test_transformers_runs_the_export_and_gets_our_logits(tmp_path, config):
     idx = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         ours = model(idx)
-    rotate.export_plain_llama(model, tmp_path / "hf")
+    export_plain_llama(model, tmp_path / "hf")
     assert not (tmp_path / "hf" / "rotation.json").exists()  # a plain checkpoint
     difference = (hf_logits(tmp_path / "hf", idx) - ours).abs().max().item()
     print(f"\n{config}: max |transformers - ours| = {difference:.2e}")
@@ -61,10 +62,10 @@ def test_export_refuses_adapters_and_quantizers(tmp_path):
     rotate.rotate_model(model)
     lora.add_lora(model)
     with pytest.raises(ValueError, match="LoRALinear.*merge the adapters"):
-        rotate.export_plain_llama(model, tmp_path / "a")
+        export_plain_llama(model, tmp_path / "a")
     quantized = quant.quantize_model(lora.merge_lora(model), w_bits=4, a_bits=4, w_clip_search=False)
     with pytest.raises(ValueError, match="QuantLinear"):
-        rotate.export_plain_llama(quantized, tmp_path / "b")
+        export_plain_llama(quantized, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
 
 
@@ -77,7 +78,7 @@ def test_stories260k_rotated_export_runs_in_transformers(tmp_path, stories_model
     idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, original = model(idx), stories_model(idx)
-    rotate.export_plain_llama(model, tmp_path / "hf")
+    export_plain_llama(model, tmp_path / "hf")
     theirs = hf_logits(tmp_path / "hf", idx)
     print(f"\nstories260K: max |transformers - ours| = {(theirs - ours).abs().max().item():.2e}, "
           f"|transformers - original| = {(theirs - original).abs().max().item():.2e}")

@@ -15,9 +15,10 @@ import torch
 from helpers import tiny_model
 
 import rotate
+from data.models.rotated import load_rotated, save_rotated
 from rotate import (OnlineHadamard, activation_stats, hadamard_matrix, hadamard_plan,
-                    hadamard_transform_matrix, load_rotated, outlier_stats, random_hadamard,
-                    rotate_model, save_rotated, walsh_hadamard_transform)
+                    hadamard_transform_matrix, outlier_stats, random_hadamard,
+                    rotate_model, walsh_hadamard_transform)
 
 pytestmark = pytest.mark.filterwarnings("ignore:rotate.py. FALLBACK")  # asserted where it matters
 

@@ -31,13 +31,13 @@ def load_weights(path, dtype=torch.float32, device="cpu"):
     """The model of a checkpoint directory with what its stages recorded beside it: a quantized one
     (quantization.json) is rebuilt from its integer codes with its quantizers and rotation, no
     calibration (data.models.quantized.load_quantized); a rotated one (rotation.json) gets its online Hadamards back
-    (rotate.load_rotated); a plain one loads as it is (model.load_checkpoint)."""
+    (data.models.rotated.load_rotated); a plain one loads as it is (model.load_checkpoint)."""
     path = Path(path)
     if (path / "quantization.json").is_file():  # before rotation.json: a quantized model may be rotated too
         from data.models.quantized import load_quantized
         return load_quantized(path, dtype=dtype, device=device)
     if (path / "rotation.json").is_file():
-        from rotate import load_rotated
+        from data.models.rotated import load_rotated
         return load_rotated(path, dtype=dtype, device=device)[0]
     from model import load_checkpoint
     return load_checkpoint(path, dtype=dtype, device=device)

@@ -222,7 +222,7 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
     model_config = read_config(path)
     rotation = None
     if rotated:
-        from rotate import read_rotation_record  # lazily: rotate.py imports the datasets
+        from data.models.rotated import read_rotation_record  # lazily: rotate.py imports the datasets
         rotation = read_rotation_record(path)
         if rotation is None:
             raise FileNotFoundError(f"{path / 'rotation.json'}: missing, but {path / QUANT_RECORD} says the "

@@ -1,0 +1,89 @@
+"""Saved rotated models: the rotated weights in the Hugging Face layout plus rotation.json.
+
+rotate.rotate_model changes the weights (norms folded, R1, R4's inverse in down_proj, R2) and,
+with R4, adds an online Hadamard before every down_proj: such weights are a plain LLaMA only
+together with that module. So a rotated directory carries its record (rotation.json, listed in
+model.STAGE_RECORDS so that model.load_checkpoint refuses it) and load_rotated puts the online
+modules back; export_plain_llama writes the other form, R4 folded back, that any LLaMA loader
+(transformers, lm-evaluation-harness's hf model) runs unchanged.
+
+    save_rotated(model, model.rotation, "out/rotated")
+    model, record = load_rotated("out/rotated")      # the same logits
+    export_plain_llama(model, "out/hf")               # for LlamaForCausalLM.from_pretrained
+"""
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model import load_checkpoint, save_checkpoint, write_atomically
+from rotate import OnlineHadamard, walsh_hadamard_transform
+
+ROTATION_RECORD = "rotation.json"  # listed in model.STAGE_RECORDS
+
+
+def save_rotated(model, record: dict, path):
+    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record).
+    With R4 the weights alone are not a plain LLaMA: they need the online Hadamard, so the record
+    is written first (atomically): a directory never holds the weights without it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_atomically(path / ROTATION_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    save_checkpoint(model, path)
+
+
+def export_plain_llama(model, path):
+    """Write a rotated (merged) model as a checkpoint any LLaMA loader runs unchanged, such as
+    transformers' LlamaForCausalLM: R4's online Hadamard is folded back into down_proj
+    ((z M^T)(W M^T)^T = z W^T, so down_proj gets W = (W M^T) M), exact up to one rounding; R1,
+    R2 and the fused norms are plain LLaMA weights already. The model itself is not changed."""
+    leftovers = sorted({type(m).__name__ for m in model.modules()} & {"LoRALinear", "ResLoRALinear", "QuantLinear",
+                                                                       "ActQuantizer"})
+    if leftovers:
+        raise ValueError(f"export_plain_llama: the model still has {leftovers}; merge the adapters (merge_lora) "
+                         "and export the full-precision model (quantizers have no plain LLaMA form)")
+    folded = {}
+    for i, layer in enumerate(model.layers):
+        transform = layer.mlp.down_input_transform
+        if isinstance(transform, OnlineHadamard):
+            W = layer.mlp.down_proj.weight.detach()
+            folded[f"layers.{i}.mlp.down_proj.weight"] = walsh_hadamard_transform(W.double(), transpose=True).to(W.dtype)
+        elif not isinstance(transform, nn.Identity):
+            raise ValueError(f"export_plain_llama: layers.{i}.mlp.down_input_transform is a "
+                             f"{type(transform).__name__}, which has no plain LLaMA form")
+    save_checkpoint(model, path, replace=folded)
+
+
+def read_rotation_record(path) -> dict | None:
+    """The rotation record of a checkpoint directory (None when it has none), checked for its keys."""
+    record_file = Path(path) / ROTATION_RECORD
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{record_file}: not valid JSON ({e})") from None
+    missing = [k for k in ("seed", "r4", "r2", "hidden_size", "intermediate_size", "head_dim") if k not in record]
+    if missing:
+        raise KeyError(f"{record_file}: missing key(s) {missing}")
+    return record
+
+
+def load_rotated(path, dtype=torch.float32, device="cpu"):
+    """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
+    record names. The weights are already rotated: they are not rotated again."""
+    path = Path(path)
+    record = read_rotation_record(path)
+    if record is None:
+        raise FileNotFoundError(f"{path / ROTATION_RECORD}: no rotation record; was this saved by save_rotated?")
+    model = load_checkpoint(path, dtype=dtype, device=device, stage_records_ok=True)
+    cfg = model.config
+    for key in ("hidden_size", "intermediate_size", "head_dim"):
+        if record[key] != getattr(cfg, key):
+            raise ValueError(f"{path / ROTATION_RECORD}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
+    if record["r4"]:
+        for layer in model.layers:
+            layer.mlp.down_input_transform = OnlineHadamard(cfg.intermediate_size)
+    model.rotation = record
+    return model, record
