@@ -33,6 +33,7 @@ Run:
     python eval.py --model DIR --rotate --bits 4 --quant gptq
 """
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -47,6 +48,7 @@ from tqdm import tqdm
 import quant
 import rotate
 from data.alpaca import prepare as alpaca
+from data.mirror import read_prepared_jsonl
 from data.models import load_model
 from data.wikitext2.prepare import load_test_text
 from data.options import check_options, option, option_group, parse_config
@@ -86,14 +88,10 @@ def load_task(name: str, data_dir: Path | None = None) -> list[dict]:
         raise ValueError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}")
     folder = TASKS[name][0]
     out_dir = Path(data_dir or DATA_DIR) / folder
+    prepare = importlib.import_module(f"data.{folder}.prepare").prepare
     path = out_dir / f"{name}.jsonl"
-    if not path.is_file():
-        prepare = importlib.import_module(f"data.{folder}.prepare").prepare
-        prepare(out_dir, tasks=[name]) if folder == "commonsense" else prepare(out_dir)
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not records:
-        raise ValueError(f"{path}: no records for task '{name}'; delete the file and re-run "
-                         f"data/{folder}/prepare.py")
+    records = read_prepared_jsonl(path, functools.partial(prepare, out_dir, **(
+        {"tasks": [name]} if folder == "commonsense" else {})), f"data/{folder}/prepare.py")
     for r in records:
         n = len(r["choices"])
         if n < 2 or not 0 <= r["gold"] < n:

@@ -38,8 +38,9 @@ from lora import LoRAConfig
 from quant import QuantConfig
 from data.wikitext2.prepare import load_test_text
 from data.tokenizer import Tokenizer, copy_tokenizer_files
+from data.mirror import read_prepared_jsonl
 from data.options import check_options, option, option_group, parse_config
-from model import save_checkpoint
+from model import save_checkpoint, write_atomically
 
 ROOT = Path(__file__).resolve().parent
 
@@ -144,15 +145,9 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def load_examples(data: str, split: str) -> list[dict]:
-    path = ROOT / "data" / data / f"{split}.jsonl"
-    if not path.is_file():  # prepared from the mirror (or the download) on first use
-        importlib.import_module(f"data.{data}.prepare").prepare()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing after data/{data}/prepare.py ran")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
+    """{prompt, response} records of data/<data>/<split>.jsonl, prepared on first use."""
+    return read_prepared_jsonl(ROOT / "data" / data / f"{split}.jsonl",
+                               importlib.import_module(f"data.{data}.prepare").prepare, f"data/{data}/prepare.py")
 
 
 def tokenize_example(tok: Tokenizer, example: dict, seq_len: int) -> tuple[list[int], int]:
@@ -239,9 +234,7 @@ def save_training_checkpoint(out: Path, step: int, model, optimizer, scheduler, 
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    pointer = out / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / "latest")
+    write_atomically(out / "latest", lambda tmp: Path(tmp).write_text(final.name))
     for old in out.glob("ckpt-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -580,9 +573,7 @@ def report(r: Run, rows: dict, history: dict) -> dict:
         notes.append("SmolLM2's 'full precision' is its dequantized Q4_1 GGUF release.")
     results = {"title": title, "rows": rows, "table": table, "history": history, "rotation": r.record,
                "config": dataclasses.asdict(cfg), "timings_s": r.timings}
-    tmp = r.out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, r.out / "results.json")
+    write_atomically(r.out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     print(f"\n{title}\n{table}\n" + "\n".join(notes) + f"\nwall time per phase (s): {json.dumps(r.timings)}\n"
           f"results: {r.out / 'results.json'}")
     return results

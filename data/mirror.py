@@ -137,6 +137,21 @@ def write_jsonl(rows, path: Path) -> Path:
     return _write_atomic(path, lambda f: f.writelines(jsonl_line(r) for r in rows))
 
 
+def read_prepared_jsonl(path: Path, prepare, script: str) -> list[dict]:
+    """The records of a prepared JSONL file (write_jsonl's), calling prepare() first when the file
+    is missing: a data set is prepared from the mirror (or its download) on first use. `script`
+    (data/<name>/prepare.py) is named in the errors."""
+    path = Path(path)
+    if not path.is_file():
+        prepare()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: still missing after {script} ran")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        raise ValueError(f"{path}: no records; delete the file and run {script} again")
+    return records
+
+
 def write_splits(rows: list, out_dir: Path, val_fraction: float = 0.1, seed: int = 0, source=""):
     """Shuffle rows (seeded), hold out val_fraction of them, and write val.jsonl and
     train.jsonl into out_dir, each atomically. Returns (train_path, val_path).
