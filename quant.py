@@ -12,9 +12,9 @@ The pieces, top to bottom:
   3. modules: `ActQuantizer` (dynamic per token), `QuantLinear` (input quantizer, then
      the linear with its stored quantized weight);
   4. `quantize_model(model, w_bits=4, a_bits=4, ...)`: swaps the seven linears of every
-     block for QuantLinears in place; GPTQ runs block by block on calibration windows;
-  5. `save_quantized` / `load_quantized`: the quantized model as integer codes (two per byte
-     at 4 bits), scales and zero points, reloaded bit for bit without calibration.
+     block for QuantLinears in place; GPTQ runs block by block on calibration windows.
+A quantized model is saved as integer codes (two per byte at 4 bits), scales and zero points and
+reloaded bit for bit without calibration by data/models/quantized.py.
 
 Run it through eval.py, which quantizes a checkpoint and measures what it costs:
     python eval.py --model smollm2-135m-instruct --w-bits 4 --a-bits 4 --quant gptq --ppl
