@@ -54,6 +54,7 @@ from data.wikitext2.prepare import load_test_text
 from data.options import check_options, option, option_group, parse_config
 from model import KVCache
 from quant import QuantConfig
+from rotate import RotationConfig
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -432,8 +433,7 @@ class EvalConfig:
     bos: bool = option(False, "prepend BOS to every context (harness add_bos_token=True)")
     rotate: bool = option(False, "rotate the model first (rotate.py)")
     seed: int = option(0, "rotation seed")
-    online_down_proj: bool = option(True, "with --rotate: online Hadamard on the down_proj input (R4)")
-    rotate_ov: bool = option(False, "with --rotate: also rotate V/O per head (R2)")
+    rotation: RotationConfig = option_group(RotationConfig, "with --rotate: the rotations besides R1 (rotate.py)")
     bits: int | None = option(None, "shorthand for --w-bits N --a-bits N (wins over them)")
     quant: QuantConfig = option_group(QuantConfig, "quantization (quant.py)")
     calibration: str = option("", "GPTQ calibration text (.txt, or Alpaca .json); default: the mirror's "
@@ -479,7 +479,7 @@ def load_and_quantize(cfg: EvalConfig):
     """Load the checkpoint, then rotate and quantize it as the flags ask."""
     model, tokenizer, model_dir = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     if cfg.rotate:
-        rotate.rotate_model(model, seed=cfg.seed, online_down_proj=cfg.online_down_proj, rotate_ov=cfg.rotate_ov)
+        rotate.rotate_model(model, seed=cfg.seed, **dataclasses.asdict(cfg.rotation))
     if cfg.quant.quantizes:
         calibration = None
         if cfg.quant.w_method == "gptq" and cfg.quant.w_bits < 16:

@@ -215,8 +215,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
-        # Hook points on K and V after rotary, before the cache (quant.py puts its
-        # KV-cache quantizer here). Identity in the plain model.
+        # Hook points on Q, K and V after rotary, K and V before the cache (rotate.py's R3 puts
+        # a per-head Hadamard on Q and K, quant.py its KV-cache quantizer on K and V). Identity
+        # in the plain model.
+        self.query_transform = nn.Identity()
         self.key_transform = nn.Identity()
         self.value_transform = nn.Identity()
 
@@ -226,7 +228,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = self.key_transform(k), self.value_transform(v)
+        q, k, v = self.query_transform(q), self.key_transform(k), self.value_transform(v)
         past = 0
         if cache is not None:
             past = cache.seen(self.layer_idx)

@@ -397,7 +397,7 @@ class QuantConfig:
     (model.parse_config), and the GPTQ calibration size too."""
     w_bits: int = option(16, "weight bits, 2..16 (16: weights untouched)")
     a_bits: int = option(16, "activation bits at the input of q,k,v,o,gate,up,down (16: none)")
-    kv_bits: int = option(16, "KV-cache bits, per head and token, asymmetric (16: none)")
+    kv_bits: int = option(16, "KV-cache bits, one grid per head and token (16: none)")
     w_method: str = option("rtn", "weight quantizer: rtn (round to nearest, MSE clip search) or gptq",
                            choices=("rtn", "gptq"), aliases=("--quant",))
     w_group_size: int | None = option(None, "weight group size in input columns (default: per output channel)",
@@ -406,7 +406,8 @@ class QuantConfig:
     w_clip_search: bool = option(True, "MSE search of each weight row's clip ratio (1.00 down to 0.21)")
     a_symmetric: bool = option(True, "symmetric activation grid")
     a_clip_ratio: float = option(1.0, "activation clip ratio in (0, 1]", at_most=1.0)
-    kv_clip_ratio: float = option(1.0, "KV-cache clip ratio in (0, 1]", at_most=1.0)
+    kv_symmetric: bool = option(False, "symmetric KV-cache grid (QuaRot: asymmetric, a zero point per head and token)")
+    kv_clip_ratio: float = option(0.95, "KV-cache clip ratio in (0, 1] (QuaRot: 0.95 for K and V)", at_most=1.0)
     quantize_lm_head_input: bool = option(False, "also quantize lm_head's input (its weight stays 16-bit)")
     gptq_block_size: int = option(128, "GPTQ columns per lazy-update block", at_least=1)
     gptq_damp_ratio: float = option(0.01, "GPTQ dampening, a fraction of the mean Hessian diagonal", at_least=0.0)
@@ -568,12 +569,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calib
                     linear, rtn_bits, config.a_bits, w_group_size=config.w_group_size,
                     w_symmetric=config.w_symmetric, w_clip_search=config.w_clip_search,
                     quantize_weight_every_forward=config.quantize_weight_every_forward, **activation))
-        if config.kv_bits < 16:
+        if config.kv_bits < 16:  # after R3 on K (rotate_qk) and on V after R2 (folded into v_proj)
             attn = block.self_attn
-            attn.key_transform = _with_kv_quantizer(
-                attn.key_transform, ActQuantizer(config.kv_bits, symmetric=False, clip_ratio=config.kv_clip_ratio))
-            attn.value_transform = _with_kv_quantizer(
-                attn.value_transform, ActQuantizer(config.kv_bits, symmetric=False, clip_ratio=config.kv_clip_ratio))
+            kv_quantizer = lambda: ActQuantizer(config.kv_bits, config.kv_symmetric, config.kv_clip_ratio)
+            attn.key_transform = _with_kv_quantizer(attn.key_transform, kv_quantizer())
+            attn.value_transform = _with_kv_quantizer(attn.value_transform, kv_quantizer())
     if config.quantize_lm_head_input and config.a_bits < 16:  # lm_head's weight (maybe tied) untouched
         model.lm_head = QuantLinear.from_linear(model.lm_head, 16, config.a_bits, **activation)
     model.quant_config = config

@@ -4,8 +4,9 @@ RoLoRA step 1 (arXiv 2407.08044, recipe in ../shared/docs/PAPERS.md): fold every
 into the linears that read it, then multiply the residual stream by a random-sign Hadamard matrix
 Q (R1: x -> xQ). RMSNorm only rescales a vector, so it commutes with an orthogonal Q and the
 network's function is unchanged, but an outlier channel is spread over all channels. An online
-Hadamard before down_proj (R4) does the same for the SwiGLU output, and an optional per-head
-Hadamard between v_proj and o_proj (R2) for the attention values.
+Hadamard before down_proj (R4) does the same for the SwiGLU output, an optional per-head
+Hadamard between v_proj and o_proj (R2) for the attention values, and an optional online one on
+queries and keys (R3) for the keys the KV cache stores.
 
 The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, `rotate_model` (a rotated
 model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard matrix and its fast Walsh-Hadamard
@@ -16,6 +17,7 @@ reach, else a reported random orthogonal fallback): read it last, or never.
     python rotate.py --model smollm2-135m-instruct          # outlier table, original vs rotated
     python rotate.py --sizes 576,1536,11008,29568           # which Hadamard each size gets
 """
+import dataclasses
 import functools
 import json
 import math
@@ -28,7 +30,7 @@ import torch.nn as nn
 
 from data.wikitext2.prepare import load_test_text
 from data.models import load_model
-from data.options import option, parse_config
+from data.options import option, option_group, parse_config
 from model import BLOCK_INPUTS, RESIDUAL_WRITERS
 
 ROOT = Path(__file__).resolve().parent
@@ -91,7 +93,18 @@ def add_online_down_proj_hadamard(model):
     W M^T is the transform of W's rows, which live in the down_proj input space."""
     for layer in model.layers:
         _rewrite(layer.mlp.down_proj.weight, walsh_hadamard_transform)
-        layer.mlp.down_input_transform = OnlineHadamard(model.config.intermediate_size)
+    add_online_hadamards(model, r4=True, r3=False)
+
+
+def add_online_hadamards(model, r4: bool, r3: bool):
+    """The run-time half of R4 and R3, the online modules (a reloaded rotated checkpoint holds the
+    weights already rotated and needs only these back)."""
+    for layer in model.layers:
+        if r4:
+            layer.mlp.down_input_transform = OnlineHadamard(model.config.intermediate_size)
+        if r3:
+            layer.self_attn.query_transform = OnlineHadamard(model.config.head_dim)
+            layer.self_attn.key_transform = OnlineHadamard(model.config.head_dim)
 
 
 def rotate_values_per_head(model):
@@ -110,12 +123,31 @@ def rotate_values_per_head(model):
             W.view(-1, n_heads, hd)).reshape(W.shape))  # (d, nh, hd): columns of each head
 
 
+def add_online_qk_hadamards(model):
+    """R3 (QuaRot, SpinQuant): one Hadamard P of head_dim on every query and key head after rotary,
+    online: (q P^T)(k P^T)^T = q P^T P k^T = q k^T, so no attention score changes, but the cached
+    keys are rotated before a KV-cache quantizer sees them. Rotary sits between k_proj and the
+    cache, so P cannot be folded into a weight; with R2 (values) the whole KV cache is rotated."""
+    add_online_hadamards(model, r4=False, r3=True)
+
+
+@dataclass
+class RotationConfig:
+    """The rotations besides R1; train.py, eval.py and rotate.py take each as a flag."""
+    online_down_proj: bool = option(True, "R4: online Hadamard on the down_proj input")
+    rotate_ov: bool = option(False, "R2: per-head Hadamard on the values, folded into v_proj and o_proj")
+    rotate_qk: bool = option(False, "R3: online per-head Hadamard on queries and keys after rotary "
+                             "(rotates the K cache, for a quantized KV cache)")
+
+
 @torch.no_grad()
-def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov: bool = False) -> dict:
+def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov: bool = False,
+                 rotate_qk: bool = False) -> dict:
     """Rotate a plain model in place; returns the record (also kept as model.rotation)."""
-    if getattr(model, "rotation", None) is not None or any(
-            not isinstance(layer.mlp.down_input_transform, nn.Identity) for layer in model.layers):
-        raise ValueError("rotate_model: this model is already rotated (or has a down_proj input "
+    transforms = [m for layer in model.layers for m in (layer.mlp.down_input_transform,
+                  layer.self_attn.query_transform, layer.self_attn.key_transform)]
+    if getattr(model, "rotation", None) is not None or any(not isinstance(m, nn.Identity) for m in transforms):
+        raise ValueError("rotate_model: this model is already rotated (or has a down_proj input or a query/key "
                          "transform); rotate a plain model")
     cfg = model.config
     untie_lm_head(model)
@@ -125,13 +157,16 @@ def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov:
         add_online_down_proj_hadamard(model)
     if rotate_ov:
         rotate_values_per_head(model)
+    if rotate_qk:
+        add_online_qk_hadamards(model)
     used = [(cfg.hidden_size, "R1 residual")]
     used += [(cfg.intermediate_size, "R4 down_proj input")] if online_down_proj else []
     used += [(cfg.head_dim, "R2 per-head values")] if rotate_ov else []
+    used += [(cfg.head_dim, "R3 per-head queries and keys")] if rotate_qk else []
     fallbacks = [{"size": n, "used_for": what, "transform": hadamard_plan(n).describe()}
                  for n, what in used if not hadamard_plan(n).exact]
     model.rotation = {"seed": seed, "r1": "random_hadamard", "r4": online_down_proj, "r2": rotate_ov,
-                      "fallbacks": fallbacks, "hidden_size": cfg.hidden_size,
+                      "r3": rotate_qk, "fallbacks": fallbacks, "hidden_size": cfg.hidden_size,
                       "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim,
                       "transforms": {what: hadamard_plan(n).describe() for n, what in used}}
     return model.rotation
@@ -541,8 +576,7 @@ def hadamard_transform_matrix(n: int, dtype=torch.float64) -> torch.Tensor:
 class RotateConfig:
     model: str = option("stories260K", "checkpoint dir or prepared model name")
     seed: int = option(0, "seed of R1's random signs")
-    online_down_proj: bool = option(True, "R4: online Hadamard before down_proj")
-    rotate_ov: bool = option(False, "R2: per-head Hadamard on values")
+    rotation: RotationConfig = option_group(RotationConfig, "rotations besides R1")
     tokens: int = option(256, "how many WikiText-2 tokens to measure on", at_least=1)
     text: str = option("", "text file to measure on (default: WikiText-2 test)")
     plot: str = option("out/rotate_outliers.png", "PNG of per-channel max|x|, original vs rotated ('': none)")
@@ -579,11 +613,11 @@ def main(args: RotateConfig):
     inputs = plot_inputs(before, args.plot_sites, args.plot_layer)
     maxima_before = channel_maxima(model, tokens, inputs)
     logits = model(tokens[None])
-    record = rotate_model(model, args.seed, args.online_down_proj, args.rotate_ov)
+    record = rotate_model(model, args.seed, **dataclasses.asdict(args.rotation))
     after = activation_stats(model, tokens)
     maxima_after = channel_maxima(model, tokens, inputs)
     error = (model(tokens[None]) - logits).abs().max() / logits.abs().max()
-    print(f"rotation: {json.dumps({k: record[k] for k in ('seed', 'r4', 'r2', 'fallbacks')})}")
+    print(f"rotation: {json.dumps({k: record[k] for k in ('seed', 'r4', 'r2', 'r3', 'fallbacks')})}")
     print(f"max |logits rotated - original| / max |logits| = {error:.2e} (float32)")
     print_table(before, after)
     for (layer, site), a in maxima_before.items():

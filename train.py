@@ -36,6 +36,7 @@ from data.models.quantized import save_quantized
 from data.models.rotated import export_plain_llama, save_rotated
 from lora import LoRAConfig
 from quant import QuantConfig
+from rotate import RotationConfig
 from data.wikitext2.prepare import load_test_text
 from data.tokenizer import Tokenizer, copy_tokenizer_files
 from data.mirror import read_prepared_jsonl
@@ -54,8 +55,8 @@ class TrainConfig:
     seed: int = option(0, "seed of the rotation, the adapter init and the data order")
     # rotation (rotate.py)
     rotate: bool = option(False, "rotate the model before fine-tuning (RoLoRA); without it: the LoRA baseline")
-    online_down_proj: bool = option(True, "with --rotate: online Hadamard on the down_proj input (R4)")
-    rotate_ov: bool = option(False, "with --rotate: also rotate V/O per head (R2, beyond RoLoRA)")
+    rotation: RotationConfig = option_group(RotationConfig, "with --rotate: the rotations besides R1 (rotate.py; "
+                                            "RoLoRA uses R4 only)")
     # adapters (lora.py)
     lora: LoRAConfig = option_group(LoRAConfig, "adapters (lora.py)")
     # optimisation
@@ -458,8 +459,7 @@ def load_model_and_data(r: Run):
 def rotate_stage(r: Run, model):
     """RoLoRA step 1, exact: the rotated model computes the same function (rotate.py)."""
     if r.cfg.rotate:
-        r.record = rotate.rotate_model(model, seed=r.cfg.seed, online_down_proj=r.cfg.online_down_proj,
-                                       rotate_ov=r.cfg.rotate_ov)
+        r.record = rotate.rotate_model(model, seed=r.cfg.seed, **dataclasses.asdict(r.cfg.rotation))
         r.log(f"rotated: {json.dumps(r.record)}")
 
 

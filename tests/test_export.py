@@ -21,9 +21,9 @@ def hf_logits(path, idx):
 
 
 def rotated_trained_merged(seed=0, **config):
-    """A tiny model rotated (R1, R4, R2), LoRA-trained a few steps on all seven linears, merged."""
+    """A tiny model rotated (R1, R4, R2, R3), LoRA-trained a few steps on all seven linears, merged."""
     model = tiny_model(seed=seed, **config)
-    rotate.rotate_model(model, seed=seed, rotate_ov=True)
+    rotate.rotate_model(model, seed=seed, rotate_ov=True, rotate_qk=True)  # R3 cancels in q.k: the export drops it
     lora.add_lora(model, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), rank=4, alpha=8)
     lora.mark_only_lora_trainable(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -537,7 +537,8 @@ def test_quantized_kv_cache_generation_equals_full_recomputation():
         for name, cached in (("keys", cache.keys[i]), ("values", cache.values[i])):
             rows = torch.cat(entering[(i, name)], dim=2).reshape(-1, head_dim)  # (B * n_kv * T, hs)
             assert cached.shape[2] == 7
-            scale, zero = compute_scale_zero(rows, 4, symmetric=False)  # (rows, 1) each
+            scale, zero = compute_scale_zero(rows, 4, symmetric=False,  # (rows, 1) each
+                                             clip_ratio=model.quant_config.kv_clip_ratio)  # 0.95, as QuaRot
             assert_on_integer_grid(cached.reshape(-1, head_dim), scale, zero, 4, symmetric=False)
     # and it changes what the model computes (same weights and activation quantizers otherwise)
     with torch.no_grad():

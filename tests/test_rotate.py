@@ -167,6 +167,13 @@ INVARIANCE_CASES = {
     "fallback-172-R2-R4": dict(config=dict(intermediate_size=172), online_down_proj=True, rotate_ov=True),
     "hidden48-head12-gqa4to1": dict(config=dict(hidden_size=48, head_dim=12, num_key_value_heads=1),
                                     online_down_proj=True, rotate_ov=True),
+    # R3, the online Hadamard on queries and keys: GQA and MHA, with and without R2 and R4
+    "gqa-R3-R4": dict(config={}, online_down_proj=True, rotate_ov=False, rotate_qk=True),
+    "gqa-R2-R3-R4": dict(config={}, online_down_proj=True, rotate_ov=True, rotate_qk=True),
+    "mha-R1-R3": dict(config=dict(num_key_value_heads=4), online_down_proj=False, rotate_ov=False, rotate_qk=True),
+    "mha-R2-R3": dict(config=dict(num_key_value_heads=4), online_down_proj=False, rotate_ov=True, rotate_qk=True),
+    "head12-gqa4to1-R2-R3-R4": dict(config=dict(hidden_size=48, head_dim=12, num_key_value_heads=1),
+                                    online_down_proj=True, rotate_ov=True, rotate_qk=True),
 }
 
 
@@ -177,7 +184,7 @@ def test_rotation_keeps_logits_float64(case):
     idx = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(0))
     before = float64_logits(model, idx)
     record = rotate_model(model, seed=5, online_down_proj=spec["online_down_proj"],
-                          rotate_ov=spec["rotate_ov"])
+                          rotate_ov=spec["rotate_ov"], rotate_qk=spec.get("rotate_qk", False))
     after = float64_logits(model, idx)
     err = relative_error(after, before)
     print(f"{case}: relative logit error {err:.1e}")
@@ -188,6 +195,10 @@ def test_rotation_keeps_logits_float64(case):
     assert record["r4"] == spec["online_down_proj"] and record["r2"] == spec["rotate_ov"]
     assert bool(record["fallbacks"]) == (model.config.intermediate_size == 172 and record["r4"])
     assert isinstance(model.layers[0].mlp.down_input_transform, OnlineHadamard) == record["r4"]
+    assert record["r3"] == spec.get("rotate_qk", False)
+    attn = model.layers[-1].self_attn
+    assert isinstance(attn.query_transform, OnlineHadamard) == isinstance(attn.key_transform, OnlineHadamard) \
+        == record["r3"]
 
 
 def block_inputs(model, idx):
@@ -214,6 +225,107 @@ def test_residual_stream_is_rotated_by_the_recorded_R1_and_down_input_by_R4():
         assert relative_error(x_r, x) > 0.1
     for z, z_r in zip(down_in, down_in_r):
         assert relative_error(z_r, z @ M.T) < 1e-12    # what a quantizer in down_proj would see
+
+
+def attention_inputs(model, idx, cache=None):
+    """Per layer, the queries and the keys the attention reads (after query/key_transform, (B, h, T, hs)),
+    and the cache afterwards."""
+    seen = {}
+    hooks = []
+    for i, block in enumerate(model.layers):
+        for name in ("query_transform", "key_transform"):
+            hooks.append(getattr(block.self_attn, name).register_forward_hook(
+                lambda m, a, y, key=(i, name): seen.setdefault(key, y)))
+    model(idx, cache)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_r3_rotates_queries_and_cached_keys_by_one_head_hadamard_and_keeps_every_score():
+    """R3 on top of R1 + R4: what k_proj and q_proj give is unchanged by R1 (their weights absorb Q),
+    then q -> q P^T and k -> k P^T with P the orthonormal Hadamard of head_dim, so the cache holds
+    rotated keys while every q.k (and so every output) stays as it was."""
+    from model import KVCache
+    model = tiny_model(seed=6, dtype=torch.float64)
+    idx = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    plain_cache, rotated_cache = KVCache(2), KVCache(2)
+    plain = attention_inputs(model, idx, plain_cache)
+    before = float64_logits(model, idx)
+    rotate_model(model, seed=2, rotate_qk=True)
+    rotated = attention_inputs(model, idx, rotated_cache)
+    P = hadamard_transform_matrix(model.config.head_dim)
+    for (layer, name), x in plain.items():
+        x_r = rotated[(layer, name)]
+        assert relative_error(x_r, x @ P.T) < 1e-12, (layer, name)  # the head's Hadamard, not identity
+        assert relative_error(x_r, x) > 0.1
+    for layer in range(2):
+        assert relative_error(rotated_cache.keys[layer], plain_cache.keys[layer] @ P.T) < 1e-12
+        assert relative_error(rotated_cache.values[layer], plain_cache.values[layer]) < 1e-12  # no R2 here
+        scores = lambda seen: seen[(layer, "query_transform")][:, ::2] @ seen[(layer, "key_transform")].transpose(2, 3)
+        assert relative_error(scores(rotated), scores(plain)) < 1e-12  # GQA: query heads 0, 2 read KV heads 0, 1
+    assert relative_error(float64_logits(model, idx), before) < 1e-9
+
+
+def test_r3_kv_cache_generation_equals_full_recomputation_and_the_original_model():
+    model = tiny_model(seed=7, dtype=torch.float64)
+    original = copy.deepcopy(model)
+    rotate_model(model, seed=3, rotate_ov=True, rotate_qk=True)
+    idx = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(6))
+    generated = model.generate(idx, 9)  # prefill, then one token at a time through the KV cache
+    assert torch.equal(generated, original.generate(idx, 9))
+    with torch.no_grad():
+        full = float64_logits(model, generated)
+        from model import KVCache
+        cache = KVCache(2)
+        out = {}
+        hook = model.lm_head.register_forward_hook(lambda m, a, y: out.update(logits=y))
+        model(generated[:, :5], cache)
+        steps = [out["logits"]]
+        for t in range(5, generated.shape[1]):
+            model(generated[:, t:t + 1], cache)
+            steps.append(out["logits"])
+        hook.remove()
+    assert relative_error(torch.cat(steps, dim=1), full) < 1e-12
+
+
+def test_r3_kv4_quantizer_sits_after_the_hadamard_and_puts_keys_on_their_grid():
+    """quant.py's KV quantizer goes after R3 on K: each cached (head, token) row of keys is the
+    QuaRot grid (asymmetric, clip 0.95) of the *rotated* key, k P^T, with an integer zero point."""
+    import torch.nn as nn
+    from model import KVCache
+    from quant import ActQuantizer, compute_scale_zero, quantize_model
+    model = tiny_model(seed=8)
+    plain_cache = KVCache(2)
+    idx = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        attention_inputs(model, idx, plain_cache)
+    rotate_model(model, seed=1, rotate_ov=True, rotate_qk=True)
+    quantize_model(model, kv_bits=4)
+    transform = model.layers[0].self_attn.key_transform
+    assert isinstance(transform, nn.Sequential) and isinstance(transform[0], OnlineHadamard) \
+        and isinstance(transform[1], ActQuantizer) and not transform[1].symmetric and transform[1].clip_ratio == 0.95
+    entering = {}  # what each key quantizer reads, (B, n_kv, T, hs)
+    hooks = [block.self_attn.key_transform[1].register_forward_pre_hook(
+        lambda m, args, i=i: entering.setdefault(i, args[0])) for i, block in enumerate(model.layers)]
+    cache = KVCache(2)
+    with torch.no_grad():
+        model(idx, cache)
+    for h in hooks:
+        h.remove()
+    P = hadamard_transform_matrix(model.config.head_dim, dtype=torch.float32)
+    # layer 0 reads what the plain model's layer 0 reads (later layers see quantized K before them)
+    assert relative_error(entering[0], plain_cache.keys[0] @ P.T) < 1e-5
+    hd = model.config.head_dim
+    for layer in range(2):
+        rows = entering[layer].reshape(-1, hd)  # one (head, token) per row
+        scale, zero = compute_scale_zero(rows, 4, symmetric=False, clip_ratio=0.95)
+        k = cache.keys[layer].reshape(-1, hd) / scale + zero
+        assert torch.equal(zero, zero.round()) and zero.min() >= 0 and zero.max() <= 15
+        assert (k - k.round()).abs().max() < 1e-3 and k.round().min() >= 0 and k.round().max() <= 15
+        nearest = (rows / scale + zero).round().clamp(0, 15)  # round to nearest, then clip
+        assert (k.round() == nearest).float().mean() > 0.99  # float32: an exact tie may round either way
+        assert relative_error(cache.keys[layer].reshape(-1, hd), rows) > 1e-3  # it did quantize
 
 
 def test_same_seed_same_weights_other_seed_differs():
@@ -258,6 +370,40 @@ def test_save_and_load_rotated_give_the_same_logits(tmp_path, intermediate):
     assert relative_error(plain(idx), expected) > 1e-3
     from data.models import load_weights  # what every --model goes through
     assert torch.allclose(load_weights(tmp_path / "rotated")(idx), expected, rtol=0, atol=1e-6)
+
+
+def test_r3_is_recorded_and_restored_on_load_and_by_every_loader(tmp_path):
+    from data.models import load_weights
+    from data.models.quantized import save_quantized
+    from quant import quantize_model
+    model = tiny_model(seed=5)
+    idx = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(8))
+    record = rotate_model(model, seed=4, rotate_qk=True)
+    assert record["r3"] and "R3 per-head queries and keys" in record["transforms"]
+    expected = model(idx)
+    save_rotated(model, record, tmp_path / "rotated")
+    loaded, loaded_record = load_rotated(tmp_path / "rotated")
+    assert loaded_record == record
+    for attn in (layer.self_attn for layer in loaded.layers):
+        assert isinstance(attn.query_transform, OnlineHadamard) and isinstance(attn.key_transform, OnlineHadamard)
+    assert torch.allclose(loaded(idx), expected, rtol=0, atol=1e-6)
+    assert torch.allclose(load_weights(tmp_path / "rotated")(idx), expected, rtol=0, atol=1e-6)
+    quantize_model(model, w_bits=4, a_bits=4, kv_bits=4)  # the KV4 quantizer after R3, saved and reloaded
+    save_quantized(model, tmp_path / "quantized")
+    reloaded = load_weights(tmp_path / "quantized")
+    assert str(reloaded) == str(model) and reloaded.rotation == record
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx), model(idx))
+
+
+def test_a_record_from_before_r3_loads_without_it(tmp_path):
+    import json
+    model = tiny_model(seed=5)
+    record = rotate_model(model, seed=4)
+    save_rotated(model, {k: v for k, v in record.items() if k != "r3"}, tmp_path / "old")
+    loaded, loaded_record = load_rotated(tmp_path / "old")
+    assert loaded_record["r3"] is False and isinstance(loaded.layers[0].self_attn.key_transform, torch.nn.Identity)
+    assert "r3" not in json.loads((tmp_path / "old" / "rotation.json").read_text())
 
 
 def test_load_rotated_needs_the_record(tmp_path):

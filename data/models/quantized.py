@@ -71,10 +71,9 @@ def _rebuild_stages(model: nn.Module, config: QuantConfig, rotation: dict | None
     """Put back around a model's weights what rotate_model and quantize_model put there: the
     online Hadamard, a QuantLinear for every weight on a grid ({path: (scale, zero)}), the
     activation and KV quantizers of `config`. No weight is computed: the weights are already quantized."""
-    if rotation is not None and rotation["r4"]:
-        from rotate import OnlineHadamard  # lazily: rotate.py imports the datasets
-        for layer in model.layers:
-            layer.mlp.down_input_transform = OnlineHadamard(model.config.intermediate_size)
+    if rotation is not None:
+        from rotate import add_online_hadamards  # lazily: rotate.py imports the datasets
+        add_online_hadamards(model, rotation["r4"], rotation.get("r3", False))
     for path, grid in grids.items():
         replace_module(model, path, QuantLinear(model.get_submodule(path).weight.detach(), grid=grid))
     quantize_model(model, dataclasses.replace(config, w_bits=16), progress=False)  # keeps the weights
@@ -223,14 +222,10 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
     rotation = None
     if rotated:
         from data.models.rotated import read_rotation_record  # lazily: rotate.py imports the datasets
-        rotation = read_rotation_record(path)
+        rotation = read_rotation_record(path, model_config)
         if rotation is None:
             raise FileNotFoundError(f"{path / 'rotation.json'}: missing, but {path / QUANT_RECORD} says the "
                                     "model is rotated (its online Hadamard would be lost)")
-        for key in ("hidden_size", "intermediate_size", "head_dim"):
-            if rotation[key] != getattr(model_config, key):
-                raise ValueError(f"{path / 'rotation.json'}: {key}={rotation[key]} but config.json has "
-                                 f"{getattr(model_config, key)}")
     with torch.device("meta"):
         model = Transformer(model_config)
     stored = _read_tensors(path)  # {key: (tensor, file)}; take() pops what it reads

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model import load_checkpoint, save_checkpoint, write_atomically
-from rotate import OnlineHadamard, walsh_hadamard_transform
+from model import load_checkpoint, read_config, save_checkpoint, write_atomically
+from rotate import OnlineHadamard, add_online_hadamards, walsh_hadamard_transform
 
 ROTATION_RECORD = "rotation.json"  # listed in model.STAGE_RECORDS
 
@@ -36,8 +36,9 @@ def save_rotated(model, record: dict, path):
 def export_plain_llama(model, path):
     """Write a rotated (merged) model as a checkpoint any LLaMA loader runs unchanged, such as
     transformers' LlamaForCausalLM: R4's online Hadamard is folded back into down_proj
-    ((z M^T)(W M^T)^T = z W^T, so down_proj gets W = (W M^T) M), exact up to one rounding; R1,
-    R2 and the fused norms are plain LLaMA weights already. The model itself is not changed."""
+    ((z M^T)(W M^T)^T = z W^T, so down_proj gets W = (W M^T) M), exact up to one rounding; R3's
+    online Hadamards on queries and keys cancel in every q.k and are left out; R1, R2 and the
+    fused norms are plain LLaMA weights already. The model itself is not changed."""
     leftovers = sorted({type(m).__name__ for m in model.modules()} & {"LoRALinear", "ResLoRALinear", "QuantLinear",
                                                                        "ActQuantizer"})
     if leftovers:
@@ -52,11 +53,16 @@ def export_plain_llama(model, path):
         elif not isinstance(transform, nn.Identity):
             raise ValueError(f"export_plain_llama: layers.{i}.mlp.down_input_transform is a "
                              f"{type(transform).__name__}, which has no plain LLaMA form")
+        for name in ("query_transform", "key_transform"):  # R3 leaves every q.k as it is: drop it
+            if not isinstance(getattr(layer.self_attn, name), (nn.Identity, OnlineHadamard)):
+                raise ValueError(f"export_plain_llama: layers.{i}.self_attn.{name} is a "
+                                 f"{type(getattr(layer.self_attn, name)).__name__}, which has no plain LLaMA form")
     save_checkpoint(model, path, replace=folded)
 
 
-def read_rotation_record(path) -> dict | None:
-    """The rotation record of a checkpoint directory (None when it has none), checked for its keys."""
+def read_rotation_record(path, model_config=None) -> dict | None:
+    """The rotation record of a checkpoint directory (None when it has none), checked for its keys
+    and, given the directory's ModelConfig, for the sizes it was rotated at."""
     record_file = Path(path) / ROTATION_RECORD
     if not record_file.is_file():
         return None
@@ -67,23 +73,21 @@ def read_rotation_record(path) -> dict | None:
     missing = [k for k in ("seed", "r4", "r2", "hidden_size", "intermediate_size", "head_dim") if k not in record]
     if missing:
         raise KeyError(f"{record_file}: missing key(s) {missing}")
+    record.setdefault("r3", False)  # records written before R3 existed
+    for key in ("hidden_size", "intermediate_size", "head_dim") if model_config is not None else ():
+        if record[key] != getattr(model_config, key):
+            raise ValueError(f"{record_file}: {key}={record[key]} but config.json has {getattr(model_config, key)}")
     return record
 
 
 def load_rotated(path, dtype=torch.float32, device="cpu"):
     """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
-    record names. The weights are already rotated: they are not rotated again."""
+    record names (R4, R3). The weights are already rotated: they are not rotated again."""
     path = Path(path)
-    record = read_rotation_record(path)
+    record = read_rotation_record(path, read_config(path))
     if record is None:
         raise FileNotFoundError(f"{path / ROTATION_RECORD}: no rotation record; was this saved by save_rotated?")
     model = load_checkpoint(path, dtype=dtype, device=device, stage_records_ok=True)
-    cfg = model.config
-    for key in ("hidden_size", "intermediate_size", "head_dim"):
-        if record[key] != getattr(cfg, key):
-            raise ValueError(f"{path / ROTATION_RECORD}: {key}={record[key]} but config.json has {getattr(cfg, key)}")
-    if record["r4"]:
-        for layer in model.layers:
-            layer.mlp.down_input_transform = OnlineHadamard(cfg.intermediate_size)
+    add_online_hadamards(model, record["r4"], record["r3"])
     model.rotation = record
     return model, record
