@@ -342,7 +342,8 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, batch_s
 
 def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int = 32,
                    share_prefix: bool = True, add_bos: bool = False, progress: bool = True) -> dict:
-    """{"tasks": {name: metrics}, "average": mean reported metric over the paper tasks evaluated}."""
+    """{"tasks": {name: metrics}, "average": mean reported metric over the paper tasks evaluated,
+    "average_stderr": its standard error, sqrt(sum of the tasks' squared stderrs) / n (independent tasks)}."""
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task '{t}'; known tasks: {', '.join(TASKS)}")
@@ -351,7 +352,9 @@ def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None
                for t in tasks}
     averaged = [t for t in tasks if t in PAPER_TASKS]
     average = sum(results[t][results[t]["metric"]] for t in averaged) / len(averaged) if averaged else None
-    out = {"tasks": results, "average": average, "average_tasks": averaged}
+    errors = [results[t].get(results[t]["metric"] + "_stderr") for t in averaged]
+    average_stderr = math.sqrt(sum(e * e for e in errors)) / len(errors) if averaged and None not in errors else None
+    out = {"tasks": results, "average": average, "average_stderr": average_stderr, "average_tasks": averaged}
     if "boolq" in tasks:
         out["notes"] = {"boolq": BOOLQ_NOTE}
     return out
@@ -409,7 +412,8 @@ def format_table(results: dict, ppl: float | None = None, seq_len: int | None = 
         lines.append(f"| {name} | {metric} | {pct(m[metric])} | {pct(m.get(metric + '_stderr'))} | "
                      f"{pct(m['acc'])} | {pct(m.get('acc_norm'))} | {m['n']} |")
     if results.get("average") is not None:
-        lines.append(f"| average ({len(results['average_tasks'])} tasks) | | {pct(results['average'])} | | | | |")
+        lines.append(f"| average ({len(results['average_tasks'])} tasks) | | {pct(results['average'])} | "
+                     f"{pct(results.get('average_stderr'))} | | | |")
     if ppl is not None:
         lines.append(f"| wikitext2 (seq_len {seq_len}) | ppl | {ppl:.3f} | | | | |")
     if "boolq" in results["tasks"]:

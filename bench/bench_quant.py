@@ -8,6 +8,9 @@ Default (speed), in one run:
   3. GPTQ time for the whole model on --calib-windows windows of --calib-seq-len tokens of
      Alpaca text (the mirror's alpaca_cleaned_2000.json, tokenized with the model's tokenizer).
 
+--kv: the same perplexity with a 4-bit KV cache, alone and under W4A4 GPTQ weights, without
+rotation and with R1+R4, R1+R2+R4 and R1+R2+R3+R4 (R3: the online Hadamard on queries and keys).
+
 --ppl: WikiText-2 perplexity (eval.py's definition, on the first --ppl-windows windows of
 --seq-len tokens) under FP, W8A8, W6A6, W4A8, W4A4, each with RTN and GPTQ weights, without
 and with rotation (rotate.py). GPTQ weights do not depend on the activation bits (activations
@@ -15,6 +18,7 @@ are not quantized while GPTQ collects its Hessians), so each weight setting is q
 
 Run:  python bench/bench_quant.py --threads 2
       python bench/bench_quant.py --ppl --ppl-windows 16 --seq-len 512 --calib-windows 32
+      python bench/bench_quant.py --kv --threads 1 --ppl-windows 4 --seq-len 2048 --calib-windows 32
 
 The quantizer options of quant.py (--w-group-size, --no-w-clip-search, --gptq-damp-ratio, ...)
 apply to every measurement; the bits and the weight method are set by each measurement.
@@ -53,6 +57,7 @@ class BenchQuantConfig:
                                       "and the weight method are set by each measurement",
                                       calib_windows=128, calib_seq_len=512)
     ppl: bool = option(False, "print the perplexity table instead of the timings")
+    kv: bool = option(False, "print the KV-cache table (KV4, W4A4KV4 GPTQ; each rotation, R3 included) instead")
     ppl_windows: int = option(16, "first N WikiText-2 windows of the perplexity", at_least=1)
     seq_len: int = option(512, "perplexity window in tokens", at_least=2)
 
@@ -152,11 +157,61 @@ def perplexities(model, tokenizer, args):
         print(f"| {base_name} | {bits} | {method} | {value:.2f} |")
 
 
+KV_ROTATIONS = {  # name -> rotate_model options (None: not rotated)
+    "no rotation": None,
+    "R1+R4": dict(online_down_proj=True),
+    "R1+R2+R4": dict(online_down_proj=True, rotate_ov=True),
+    "R1+R2+R3+R4": dict(online_down_proj=True, rotate_ov=True, rotate_qk=True),
+}
+
+
+def kv_perplexities(model, tokenizer, args):
+    """The 4-bit KV cache (QuaRot's quantizer: asymmetric per head and token, --kv-clip-ratio) alone
+    and under W4A4 GPTQ weights, for each rotation of KV_ROTATIONS: R3 rotates the keys, R2 the values."""
+    import eval as ev
+    from rotate import rotate_model
+
+    text = load_test_text()
+    ppl = lambda m: ev.perplexity(m, tokenizer, text, args.seq_len, args.ppl_windows, progress=False)  # noqa: E731
+    windows = calibration(tokenizer, args)
+    rows = []
+    for name, rotation in KV_ROTATIONS.items():
+        base = copy.deepcopy(model)
+        if rotation is not None:
+            rotate_model(base, seed=0, **rotation)
+        start = time.perf_counter()
+        gptq = quantize_model(copy.deepcopy(base), args.quant, w_bits=4, w_method="gptq", calibration=windows)
+        print(f"[{name}] GPTQ W4: {time.perf_counter() - start:.0f} s", flush=True)
+        settings = {"FP (KV16)": (base, {}), "KV4": (base, dict(kv_bits=4)),
+                    "W4A4 GPTQ (KV16)": (gptq, dict(a_bits=4)), "W4A4KV4 GPTQ": (gptq, dict(a_bits=4, kv_bits=4))}
+        for label, (weights, bits) in settings.items():
+            quantized = quantize_model(copy.deepcopy(weights), args.quant, **bits) if bits else weights
+            rows.append((name, label, ppl(quantized)))
+            print(f"  {rows[-1]}", flush=True)
+        del base, gptq
+    print(f"\nSmolLM2-135M WikiText-2 perplexity, first {args.ppl_windows} windows of {args.seq_len} tokens; "
+          f"GPTQ calibrated on {args.quant.calib_windows} x {args.quant.calib_seq_len} Alpaca tokens; KV cache "
+          f"{'symmetric' if args.quant.kv_symmetric else 'asymmetric'}, clip {args.quant.kv_clip_ratio}\n")
+    by_rotation = {}
+    for name, label, value in rows:
+        by_rotation.setdefault(name, {})[label] = value
+    labels = list(next(iter(by_rotation.values())))
+    print("| rotation | " + " | ".join(labels) + " | KV4 / KV16 | W4A4KV4 / W4A4 |")
+    print("|---|" + "---:|" * (len(labels) + 2))
+    for name, values in by_rotation.items():
+        kv_cost = values["KV4"] / values["FP (KV16)"]
+        kv_cost_w4a4 = values["W4A4KV4 GPTQ"] / values["W4A4 GPTQ (KV16)"]
+        print(f"| {name} | " + " | ".join(f"{values[label]:.2f}" for label in labels)
+              + f" | {kv_cost:.3f} | {kv_cost_w4a4:.3f} |")
+
+
 def main(argv=None):
     args = parse_config(BenchQuantConfig(), argv, prog="bench_quant.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(args.threads)
     model, tokenizer, _ = load_model(args.model)
-    if args.ppl:
+    if args.kv:
+        kv_perplexities(model, tokenizer, args)
+    elif args.ppl:
         perplexities(model, tokenizer, args)
     else:
         speed(model, tokenizer, args)

@@ -181,6 +181,18 @@ def test_stderr_is_the_harness_sample_stderr():
     assert m["metric"] == "acc" and ev.task_metrics("hellaswag", records, scores)["metric"] == "acc_norm"
 
 
+def test_average_stderr_combines_the_tasks_stderrs(monkeypatch):
+    """The seven-task average of independent tasks: mean of the metrics, stderr sqrt(sum se^2) / n."""
+    metrics = {"piqa": (0.6, 0.03), "arc_easy": (0.5, 0.04), "siqa": (0.9, 0.5)}  # SIQA is not averaged
+    monkeypatch.setattr(ev, "evaluate_task", lambda model, tok, task, *a: {
+        "metric": "acc_norm" if task != "siqa" else "acc", "acc": 0.0, "acc_norm": metrics[task][0],
+        f"{'acc_norm' if task != 'siqa' else 'acc'}_stderr": metrics[task][1], "n": 100})
+    out = ev.evaluate_tasks(torch.nn.Linear(1, 1), None, ["piqa", "arc_easy", "siqa"])
+    assert out["average_tasks"] == ["piqa", "arc_easy"]
+    assert out["average"] == pytest.approx(0.55)
+    assert out["average_stderr"] == pytest.approx(math.sqrt(0.03 ** 2 + 0.04 ** 2) / 2)
+
+
 def test_ties_go_to_the_first_choice_like_numpy_argmax():
     records = [{"choices": ["x", "y"], "gold": 1}]
     assert ev.task_metrics("piqa", records, [[-1.0, -1.0]])["acc"] == 0.0

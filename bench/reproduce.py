@@ -1,0 +1,284 @@
+"""The paper's experiment with error bars: LoRA vs LoRA-then-rotate (LBR) vs RoLoRA (LAR) vs
+RoLoRA + QAT on SmolLM2-135M-Instruct, each at full precision, W4A4 RTN, W4A4 GPTQ and W6A6 GPTQ.
+
+The methods (../shared/docs/PAPERS.md, "LAR vs LBR"), all with the same data, steps, seed and
+hyper-parameters (train.py's, with --steps optimizer steps):
+  lora        LoRA on the original weights, merged, then quantized (the paper's baseline);
+  lbr         the SAME merged LoRA model, then rotated (R1 + R4), then quantized: "LoRA Before Rotation";
+  rolora      rotate (R1 + R4), LoRA on the rotated weights, merge, quantize: "LoRA After Rotation";
+  rolora_qat  RoLoRA with the adapters trained on the W4A4 (RTN) fake-quantized model (train.py --qat).
+KV cache 16-bit, as in the paper. Every cell is saved when done and skipped when present: a
+training cell leaves OUT/<method>/merged (git-ignored) and its numbers; an evaluation cell
+(method x setting) appends its row to the results file, which is small and committed
+(bench/reproduce_results.json). An interrupted run continues where it stopped (a training cell
+from its last checkpoint), on this machine or, for the evaluation cells, on any other.
+
+    python bench/reproduce.py                 # run or continue the grid (hours on a CPU)
+    python bench/reproduce.py --status        # which cells are done, what each took, on what
+    python bench/reproduce.py --table         # the README table, made from the results file
+    python bench/reproduce.py --figures       # bench/reproduce_average.png and bench/reproduce_loss.png
+    python bench/reproduce.py --methods lora --settings fp,w4a4_rtn   # a part of the grid
+"""
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import rotate  # noqa: E402
+import train  # noqa: E402
+from data.options import check_options, option, parse_config, replace_options  # noqa: E402
+from model import write_atomically  # noqa: E402
+
+METHODS = {  # name -> (the training cell it evaluates, rotated after merging)
+    "lora": ("lora", False), "lbr": ("lora", True), "rolora": ("rolora", False), "rolora_qat": ("rolora_qat", False)}
+TRAININGS = {"lora": dict(rotate=False, qat=False), "rolora": dict(rotate=True, qat=False),
+             "rolora_qat": dict(rotate=True, qat=True)}
+SETTINGS = {  # name -> (w_bits, a_bits, weight quantizer)
+    "fp": (16, 16, "rtn"), "w4a4_rtn": (4, 4, "rtn"), "w4a4_gptq": (4, 4, "gptq"), "w6a6_gptq": (6, 6, "gptq")}
+
+
+@dataclass
+class ReproduceConfig:
+    model: str = option("smollm2-135m-instruct", "checkpoint directory or a name data/models/prepare.py knows")
+    data: str = option("alpaca", "training data (train.py --data)")
+    out: str = option("out/reproduce", "where the trained adapters and merged models go (git-ignored)")
+    results: str = option("bench/reproduce_results.json", "the results file, one entry per finished cell")
+    methods: str = option(",".join(METHODS), f"comma-separated, from {', '.join(METHODS)}")
+    settings: str = option(",".join(SETTINGS), f"comma-separated, from {', '.join(SETTINGS)}")
+    seed: int = option(0, "seed of the rotation, the adapter init and the data order (the same for all)")
+    steps: int = option(200, "optimizer steps of every method (batch 8: 1600 examples, ~1.8 epochs of the "
+                        "900-example Alpaca GPT-4 subset)", at_least=1)
+    tasks: str = option("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa", "zero-shot tasks")
+    eval_limit: int | None = option(500, "first N items of each task (0 or none: all)", at_least=1,
+                                    zero_means_all=True)
+    ppl_windows: int | None = option(40, "WikiText-2 windows (0 or none: all)", at_least=1, zero_means_all=True)
+    ppl_seq_len: int = option(2048, "perplexity window length", at_least=2)
+    val_examples: int | None = option(None, "held-out examples of the loss (0 or none: all)", at_least=1,
+                                      zero_means_all=True)
+    calib_windows: int = option(32, "GPTQ calibration windows of the training data", at_least=1)
+    calib_seq_len: int = option(512, "tokens per GPTQ calibration window", at_least=2)
+    status: bool = option(False, "print which cells are done and exit")
+    table: bool = option(False, "print the results table (markdown) and exit")
+    figures: bool = option(False, "draw the average with error bars and the loss curves (matplotlib) and exit")
+
+    def validate(self):
+        check_options(self)
+        for flag, names, known in (("--methods", self.method_list(), METHODS), ("--settings", self.setting_list(),
+                                                                               SETTINGS)):
+            unknown = [n for n in names if n not in known]
+            if unknown or not names:
+                raise ValueError(f"{flag}={','.join(names)}: unknown {unknown}; choose from {', '.join(known)}")
+
+    def method_list(self) -> list[str]:
+        return [m for m in self.methods.split(",") if m]
+
+    def setting_list(self) -> list[str]:
+        return [s for s in self.settings.split(",") if s]
+
+
+# -----------------------------------------------------------------------------
+# The results file: every finished cell, written atomically after each one
+
+
+def read_results(args) -> dict:
+    path = Path(args.results)
+    if not path.is_file():
+        return {"cells": {}}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore it from git or delete it to start over") from None
+
+
+def save_cell(args, results: dict, name: str, cell: dict):
+    results["cells"][name] = dict(cell, finished=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine())
+    results["grid"] = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("status", "table", "figures")}
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+# -----------------------------------------------------------------------------
+# The cells
+
+
+def train_config(args, training: str, **changes) -> train.TrainConfig:
+    """train.py's configuration of one training (every method shares all but rotate / qat)."""
+    options = dict(
+        model=args.model, data=args.data, out=str(Path(args.out) / training), seed=args.seed,
+        max_steps=args.steps, eval_every=max(1, args.steps // 10), save_every=max(1, args.steps // 10),
+        tasks=args.tasks, eval_limit=args.eval_limit, ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
+        val_examples=args.val_examples, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
+        w_bits=4, a_bits=4, w_method="rtn", **TRAININGS[training])  # --qat trains on W4A4 RTN
+    return replace_options(train.TrainConfig(), **(options | changes))
+
+
+def run_training(args, results: dict, training: str):
+    """Fine-tune and merge (train.py's stages), leaving OUT/<training>/merged; resumes a cut one."""
+    cfg = train_config(args, training)
+    cfg = dataclasses.replace(cfg, resume=(Path(cfg.out) / "latest").is_file())
+    cfg.validate()
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    with train.open_run(cfg) as r:
+        model = train.load_model_and_data(r)
+        train.rotate_stage(r, model)
+        history = train.finetune_stage(r, model)
+        train.merge_stage(r, model)
+    save_cell(args, results, f"train/{training}", {"seconds": round(time.perf_counter() - start, 1),
+                                                   "steps": cfg.max_steps, "history": history,
+                                                   "rotation": r.record, "resumed": cfg.resume})
+
+
+def run_evaluation(args, results: dict, method: str, setting: str):
+    """One row: the merged model of the method's training (rotated first for LBR), quantized as the
+    setting says, evaluated as train.py evaluates (held-out loss, perplexity, the tasks)."""
+    training, rotate_after_merge = METHODS[method]
+    w_bits, a_bits, w_method = SETTINGS[setting]
+    merged = Path(args.out) / training / "merged"
+    cfg = train_config(args, training, model=str(merged), rotate=False, qat=False, out=str(Path(args.out) / "eval"),
+                       w_bits=w_bits, a_bits=a_bits, w_method=w_method)
+    cfg.validate()
+    start = time.perf_counter()
+    with train.open_run(cfg) as r:
+        model = train.load_model_and_data(r)
+        if rotate_after_merge:  # LBR: the rotation RoLoRA applies before fine-tuning, applied after it
+            rotate.rotate_model(model, seed=args.seed)
+        if cfg.quant.quantizes:
+            model = train.quantized_copy(r, model)
+        row = train.evaluate_row(r, model)
+    save_cell(args, results, f"eval/{method}/{setting}", {"seconds": round(time.perf_counter() - start, 1),
+                                                          "row": row, "quant": dataclasses.asdict(cfg.quant)})
+
+
+def run_grid(args):
+    results = read_results(args)
+    cells = results["cells"]
+    needed = {METHODS[m][0] for m in args.method_list()}
+    for method in args.method_list():
+        training = METHODS[method][0]
+        for setting in args.setting_list():
+            if f"eval/{method}/{setting}" in cells:
+                continue
+            if f"train/{training}" not in cells or not (Path(args.out) / training / "merged").is_dir():
+                print(f"== train/{training}", flush=True)
+                run_training(args, results, training)
+            print(f"== eval/{method}/{setting}", flush=True)
+            run_evaluation(args, results, method, setting)
+    print(f"all cells done for {sorted(needed)} x {args.setting_list()}: {args.results}")
+
+
+# -----------------------------------------------------------------------------
+# Reading the results
+
+
+def print_status(args):
+    cells = read_results(args)["cells"]
+    wanted = [f"train/{t}" for t in dict.fromkeys(METHODS[m][0] for m in args.method_list())]
+    wanted += [f"eval/{m}/{s}" for m in args.method_list() for s in args.setting_list()]
+    for name in wanted:
+        cell = cells.get(name)
+        print(f"{name:<24} " + (f"done   {cell['seconds']:>8.0f} s  {cell['finished']}  {cell['machine']}"
+                                if cell else "to do"))
+    done = [cells[n]["seconds"] for n in wanted if n in cells]
+    print(f"{len(done)} of {len(wanted)} cells done, {sum(done) / 3600:.2f} h of compute")
+
+
+def rows(results: dict) -> dict:
+    """{(method, setting): row} of the finished evaluation cells, in grid order."""
+    cells = results["cells"]
+    return {(m, s): cells[f"eval/{m}/{s}"]["row"] for m in METHODS for s in SETTINGS if f"eval/{m}/{s}" in cells}
+
+
+def format_table(results: dict) -> str:
+    table = rows(results)
+    if not table:
+        return "(no evaluation cell done yet)"
+    tasks = list(next(iter(table.values()))["tasks"])
+    head = ["method", "setting"] + [t + (" *" if t == "boolq" else "") for t in tasks] + [
+        "average ± stderr", "wiki2 ppl", "held-out loss"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for (method, setting), row in table.items():
+        cells = [f"{100 * row['tasks'][t][row['tasks'][t]['metric']]:.1f}" for t in tasks]
+        average = f"{100 * row['average']:.2f} ± {100 * row['average_stderr']:.2f}"
+        lines.append(f"| {method} | {setting} | " + " | ".join(cells) + f" | {average} | {row['ppl']:.2f} | "
+                     f"{row['heldout_loss']:.4f} |")
+    for setting in ("w4a4_rtn", "w4a4_gptq"):
+        if {("lora", "fp"), ("lora", setting), ("rolora", setting)} <= set(table):
+            fp, lora_q, rolora_q = (table[k]["average"] for k in (("lora", "fp"), ("lora", setting),
+                                                                   ("rolora", setting)))
+            recovered = (rolora_q - lora_q) / (fp - lora_q) if fp != lora_q else math.nan
+            lines.append(f"\n{setting}: RoLoRA recovers {100 * recovered:.0f}% of the gap between LoRA at "
+                         f"{setting} ({100 * lora_q:.2f}) and LoRA at full precision ({100 * fp:.2f}).")
+    lines.append("\n* BoolQ without its passages (the mirror has none): not comparable with published numbers.")
+    return "\n".join(lines)
+
+
+def draw_figures(args):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return print("matplotlib is not installed: no figures drawn")
+    results = read_results(args)
+    table = rows(results)
+    folder = Path(args.results).parent
+    if table:
+        fig = Figure(figsize=(8, 4), layout="tight")
+        ax = fig.subplots()
+        settings = [s for s in SETTINGS if any(s == k[1] for k in table)]
+        width = 0.8 / len(METHODS)
+        for i, method in enumerate(METHODS):
+            xs = [j + i * width for j, s in enumerate(settings) if (method, s) in table]
+            values = [100 * table[(method, s)]["average"] for s in settings if (method, s) in table]
+            errors = [100 * table[(method, s)]["average_stderr"] for s in settings if (method, s) in table]
+            ax.bar(xs, values, width, yerr=errors, capsize=3, label=method)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+        ax.set(ylabel="seven-task average (%) ± stderr",
+               title=f"{Path(results['grid']['model']).name}: {results['grid']['steps']} steps, then quantized")
+        ax.legend(fontsize=8)
+        fig.savefig(folder / "reproduce_average.png", dpi=110)
+        print(f"wrote {folder / 'reproduce_average.png'}")
+    trainings = {t: results["cells"][f"train/{t}"]["history"] for t in ("lora", "rolora")
+                 if f"train/{t}" in results["cells"]}
+    if trainings:
+        fig = Figure(figsize=(8, 3.5), layout="tight")
+        ax = fig.subplots()
+        for name, history in trainings.items():
+            line, = ax.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], lw=0.7, alpha=0.6,
+                            label=f"{name}: training loss")
+            steps, losses = zip(*history["val_loss"])
+            ax.plot(steps, losses, "o-", color=line.get_color(), label=f"{name}: held-out loss")
+        ax.set(xlabel="optimizer step", ylabel="loss (response tokens)", title="LoRA vs RoLoRA fine-tuning")
+        ax.legend(fontsize=8)
+        fig.savefig(folder / "reproduce_loss.png", dpi=110)
+        print(f"wrote {folder / 'reproduce_loss.png'}")
+
+
+def main(argv=None):
+    args = parse_config(ReproduceConfig(), argv, prog="bench/reproduce.py", description=__doc__.split("\n\n")[0])
+    if args.status:
+        print_status(args)
+    elif args.table:
+        print(format_table(read_results(args)))
+    elif args.figures:
+        draw_figures(args)
+    else:
+        run_grid(args)
+
+
+if __name__ == "__main__":
+    main()

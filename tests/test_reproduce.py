@@ -1,0 +1,96 @@
+"""bench/reproduce.py, the paper's grid: every cell saved when done and skipped when present, an
+interrupted run continues to the numbers of an uninterrupted one, LBR is LoRA's own merged model
+rotated (so it equals LoRA at full precision), and the table is made from the results file."""
+import json
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import reproduce  # noqa: E402
+import train  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # stories260K from the mirror
+
+
+def grid_args(tmp_path, *extra):
+    return ["--model", "stories260K", "--data", "tinystories", "--out", str(tmp_path / "out"),
+            "--results", str(tmp_path / "results.json"), "--steps", "3", "--tasks", "piqa,arc_easy",
+            "--eval-limit", "4", "--ppl-windows", "1", "--ppl-seq-len", "64", "--val-examples", "8",
+            "--calib-windows", "2", "--calib-seq-len", "32", *extra]
+
+
+def cells(tmp_path) -> dict:
+    return json.loads((tmp_path / "results.json").read_text())["cells"]
+
+
+def test_the_grid_saves_every_cell_and_lbr_is_lora_rotated(tmp_path, stories_dir, capsys):
+    reproduce.main(grid_args(tmp_path, "--methods", "lora,lbr,rolora", "--settings", "fp,w4a4_rtn,w4a4_gptq"))
+    done = cells(tmp_path)
+    assert set(done) == {"train/lora", "train/rolora"} | {
+        f"eval/{m}/{s}" for m in ("lora", "lbr", "rolora") for s in ("fp", "w4a4_rtn", "w4a4_gptq")}
+    assert done["train/lora"]["rotation"] is None and done["train/rolora"]["rotation"]["r4"]
+    assert len(done["train/lora"]["history"]["train_loss"]) == 3
+    row = lambda name: done[name]["row"]  # noqa: E731
+    # LBR: the same adapters, merged, then rotated: in full precision the same network as LoRA's
+    assert row("eval/lbr/fp")["heldout_loss"] == pytest.approx(row("eval/lora/fp")["heldout_loss"], rel=1e-5)
+    assert row("eval/lbr/fp")["ppl"] == pytest.approx(row("eval/lora/fp")["ppl"], rel=1e-5)
+    # ... but quantized it is another model, and so is RoLoRA's (trained on the rotated weights)
+    assert row("eval/lbr/w4a4_rtn")["ppl"] != pytest.approx(row("eval/lora/w4a4_rtn")["ppl"], rel=1e-3)
+    assert row("eval/rolora/fp")["heldout_loss"] != pytest.approx(row("eval/lora/fp")["heldout_loss"], rel=1e-6)
+    assert done["eval/lora/w4a4_gptq"]["quant"]["w_method"] == "gptq"
+    for name in done:
+        assert done[name]["seconds"] >= 0 and done[name]["machine"]
+    for r in (row(n) for n in done if n.startswith("eval/")):
+        assert 0 <= r["average"] <= 1 and r["average_stderr"] > 0
+
+    capsys.readouterr()
+    reproduce.main(grid_args(tmp_path, "--table"))
+    table = capsys.readouterr().out
+    assert table.count("\n| lbr | ") == 3 and "| rolora | w4a4_gptq |" in table
+    assert f"{100 * row('eval/lora/fp')['average']:.2f} ± {100 * row('eval/lora/fp')['average_stderr']:.2f}" in table
+    assert "RoLoRA recovers" in table
+    reproduce.main(grid_args(tmp_path, "--status", "--methods", "lora,rolora_qat"))
+    status = capsys.readouterr().out
+    assert "eval/lora/fp" in status and "train/rolora_qat         to do" in status
+
+
+def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_path, stories_dir, monkeypatch):
+    args = grid_args(tmp_path, "--methods", "lora", "--settings", "fp,w4a4_rtn")
+    real_evaluate_row = train.evaluate_row
+    calls = []
+
+    def dies_on_the_second_row(r, model):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the machine stops in the middle of a cell
+        return real_evaluate_row(r, model)
+    monkeypatch.setattr(train, "evaluate_row", dies_on_the_second_row)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(args)
+    assert set(cells(tmp_path)) == {"train/lora", "eval/lora/fp"}
+    monkeypatch.setattr(train, "evaluate_row", real_evaluate_row)
+    monkeypatch.setattr(train, "finetune_stage", lambda *a: pytest.fail("trained again"))
+    reproduce.main(args)  # continues: no training, one row
+    continued = cells(tmp_path)
+    assert set(continued) == {"train/lora", "eval/lora/fp", "eval/lora/w4a4_rtn"}
+
+    monkeypatch.setattr(train, "evaluate_row", lambda *a: pytest.fail("evaluated again"))
+    reproduce.main(args)  # everything is there: nothing runs
+    assert cells(tmp_path) == continued
+
+    other = tmp_path / "uninterrupted"
+    monkeypatch.undo()
+    reproduce.main(grid_args(other, "--methods", "lora", "--settings", "fp,w4a4_rtn"))
+    for name in continued:
+        if name.startswith("eval/"):
+            assert cells(other)[name]["row"] == continued[name]["row"]
+
+
+def test_unknown_methods_and_settings_are_one_line_errors(capsys):
+    for flag, value in (("--methods", "lora,qlora"), ("--settings", "w3a3")):
+        with pytest.raises(SystemExit):
+            reproduce.main([flag, value, "--status"])
+        assert f"{flag}={value}: unknown" in capsys.readouterr().err
