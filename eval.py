@@ -469,6 +469,11 @@ class EvalConfig:
                              "it loads with its rotation, drop --rotate")
         if self.calibration and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration}: no such file")
+        if self.calibration and self.quant.w_method == "gptq" and self.quant.w_bits < 16:
+            try:  # a malformed file fails now, not after the model has loaded
+                alpaca.calibration_text(self.calibration)
+            except ValueError as e:
+                raise ValueError(f"--calibration: {e}") from None
 
     def task_list(self) -> list[str]:
         """--tasks 'a,b' -> ['a', 'b']; '' or 'none' -> []."""

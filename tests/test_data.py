@@ -405,6 +405,39 @@ def test_alpaca_refuses_bad_input(case, mirror, tmp_path):
     assert_refused(lambda: alpaca.prepare("gpt4", out), out, re.escape(str(raw)) + reason)
 
 
+def test_alpaca_calibration_text_is_one_paragraph_per_record(tmp_path):
+    """GPTQ's calibration text from Alpaca records: instruction, input (when not empty) and output
+    on their own lines, a blank line between records; a Windows copy gives the same text."""
+    path = tmp_path / "calibration.json"
+    path.write_text(json.dumps(ALPACA, indent=1))
+    expected = (f"{ALPACA[0]['instruction']}\n{ALPACA[0]['output']}\n\n"
+                f"{ALPACA[1]['instruction']}\n{ALPACA[1]['input']}\n{ALPACA[1]['output']}\n\n"
+                f"{ALPACA[2]['instruction']}\n{ALPACA[2]['output']}")
+    assert alpaca.calibration_text(path) == expected
+    crlf_records = [{k: v.replace("\n", "\r\n") for k, v in r.items()} for r in ALPACA]
+    path.write_bytes(windows_copy(json.dumps(crlf_records, indent=1), bom=True))
+    assert alpaca.calibration_text(path) == expected
+
+
+BAD_CALIBRATION = {k: BAD_ALPACA[k] for k in ("empty file", "invalid JSON", "record is a string", "record is null",
+                                             "no output", "null input", "numeric output")}
+BAD_CALIBRATION.update({"empty list": (b"[]", r": expected a non-empty JSON list of Alpaca records"),
+                        "an object, not a list": (json.dumps(ALPACA[0]).encode(),
+                                                  r": expected a non-empty JSON list of Alpaca records")})
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CALIBRATION))
+def test_alpaca_calibration_text_refuses_bad_input(case, tmp_path):
+    """The records GPTQ calibrates on get prepare()'s checks: a ValueError naming the file and
+    the record, not an AttributeError from deep inside the join (or a calibration on nothing)."""
+    content, reason = BAD_CALIBRATION[case]
+    path = put(tmp_path, "calibration.json", content)
+    with pytest.raises(ValueError) as info:
+        alpaca.calibration_text(path)
+    assert not isinstance(info.value, json.JSONDecodeError), repr(info.value)
+    assert re.search(re.escape(str(path)) + reason, str(info.value)), str(info.value)
+
+
 # -----------------------------------------------------------------------------
 # tinystories
 

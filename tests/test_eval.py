@@ -256,6 +256,11 @@ def test_unknown_task_is_a_clear_error():
     (["--batch-size", "0"], "--batch-size=0"),
     (["--calib-windows", "0"], "--calib-windows=0"),
     (["--calibration", "/no/such/file.json"], "--calibration /no/such/file.json: no such file"),
+    (["--dtype", "float16"], "--dtype='float16': must be one of float32, bfloat16, float64"),
+    (["--threads", "0"], "--threads=0: must be at least 1"),
+    (["--ppl-windows", "-1"], "--ppl-windows=-1: must be at least 1 (0 or none: all)"),
+    (["--a-clip-ratio", "0"], "--a-clip-ratio=0.0: must be in (0, 1]"),
+    (["--quant", "awq"], "--w-method"),  # --quant is an alias of --w-method
 ])
 def test_bad_flags_are_one_line_errors_before_anything_loads(flags, message, monkeypatch, capsys):
     def must_not_load(*args, **kwargs):
@@ -264,7 +269,89 @@ def test_bad_flags_are_one_line_errors_before_anything_loads(flags, message, mon
     with pytest.raises(SystemExit) as exit_info:
         ev.main(["--model", "unused"] + flags)
     assert exit_info.value.code == 2  # argparse's usage error
-    assert message in capsys.readouterr().err
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]  # one line: "eval.py: error: ..."
+
+
+@pytest.mark.parametrize("record_file, flags, message", [
+    ("quantization.json", ["--bits", "4"], "is already quantized"),
+    ("quantization.json", ["--kv-bits", "8"], "is already quantized"),
+    ("rotation.json", ["--rotate"], "is already rotated"),
+])
+def test_flags_the_checkpoint_already_applied_are_errors_before_loading(record_file, flags, message, tmp_path,
+                                                                         monkeypatch, capsys):
+    """A quantized (rotated) checkpoint loads quantized (rotated): quantizing (rotating) it again
+    would score another network, so the flag is refused before the model loads; without the
+    flag the same checkpoint gets past the checks and loads."""
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded")
+    monkeypatch.setattr(ev, "load_model", must_not_load)
+    (tmp_path / record_file).write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--model", str(tmp_path)] + flags)
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in last_line and str(tmp_path / record_file) in last_line
+    with pytest.raises(AssertionError, match="loaded"):
+        ev.main(["--model", str(tmp_path)])
+
+
+def test_malformed_gptq_calibration_file_is_an_error_before_loading(tmp_path, monkeypatch, capsys):
+    """GPTQ reads --calibration after the model has loaded; a record it cannot use is refused
+    before, in one line naming the flag, the file and the record. A good file gets past the checks."""
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded")
+    monkeypatch.setattr(ev, "load_model", must_not_load)
+    calibration = tmp_path / "calibration.json"
+    flags = ["--model", "unused", "--bits", "4", "--quant", "gptq", "--calibration", str(calibration)]
+    calibration.write_text(json.dumps([{"instruction": "Name a colour.", "output": "Red."}, "Name a fruit."]))
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(flags)
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--calibration: {calibration} record 1: expected a JSON object, got str" in last_line
+    calibration.write_text(json.dumps([{"instruction": "Name a colour.", "output": "Red."}]))
+    with pytest.raises(AssertionError, match="loaded"):
+        ev.main(flags)
+
+
+def test_main_scores_the_model_its_rotate_seed_and_bits_flags_describe(monkeypatch, capsys):
+    """The network main() evaluates is the loaded one rotated (--rotate, --seed) and then W/A
+    quantized (--bits): the same function as rotate.rotate_model and quant.quantize_model
+    applied by hand. A main() that dropped a step (or a flag) on the way scores another network."""
+    import quant
+    import rotate
+    tok = WordTokenizer()
+    monkeypatch.setattr(ev, "load_model",
+                        lambda name, dtype=torch.float32, **kwargs: (tiny_model(seed=9, dtype=dtype), tok, Path(name)))
+    scored = []
+    monkeypatch.setattr(ev, "evaluate_tasks",
+                        lambda model, *args, **kwargs: scored.append(model) or {"tasks": {}, "average": None})
+    idx = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+
+    def by_hand(rotated: bool, bits: int | None):
+        model = tiny_model(seed=9)
+        if rotated:
+            rotate.rotate_model(model, seed=5)
+        if bits:
+            quant.quantize_model(model, w_bits=bits, a_bits=bits, w_clip_search=False, progress=False)
+        with torch.no_grad():
+            return model(idx)
+
+    logits = {}
+    for flags, rotated, bits in [([], False, None), (["--rotate"], True, None),
+                                 (["--bits", "4"], False, 4), (["--rotate", "--bits", "4"], True, 4)]:
+        ev.main(["--model", "tiny", "--tasks", "piqa", "--seed", "5", "--no-w-clip-search"] + flags)
+        model = scored[-1]
+        assert isinstance(model.layers[0].mlp.down_input_transform, rotate.OnlineHadamard) == rotated, flags
+        linears = [m for m in model.layers.modules() if isinstance(m, quant.QuantLinear)]
+        assert len(linears) == (7 * len(model.layers) if bits else 0), flags
+        assert all(m.input_quantizer.bits == bits for m in linears), flags  # A4, not only W4
+        with torch.no_grad():
+            logits[rotated, bits] = model(idx)
+        torch.testing.assert_close(logits[rotated, bits], by_hand(rotated, bits), rtol=0, atol=1e-6)
+    # the four networks really differ: W4A4 costs something, and what it costs depends on the rotation
+    assert (logits[False, 4] - logits[False, None]).abs().max() > 1e-2
+    assert (logits[True, 4] - logits[False, 4]).abs().max() > 1e-2
 
 
 def test_zero_perplexity_windows_means_all():
@@ -277,6 +364,22 @@ def test_empty_dataset_file_is_a_clear_error(tmp_path):
     (tmp_path / "commonsense" / "boolq.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"boolq\.jsonl: no records"):
         ev.load_task("boolq", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("choices, gold", [(["no", "yes"], 2), (["no", "yes"], -1), (["only one"], 0)])
+def test_prepared_record_with_a_gold_outside_its_choices_is_a_clear_error(choices, gold, tmp_path):
+    """A gold index that names no choice would be scored as always wrong (or, negative, as the
+    last choice): the record is refused, by file and id, before anything is scored."""
+    good = {"task": "piqa", "id": "piqa-0", "context": "Question: q\nAnswer:", "choices": ["a", "b"], "gold": 1}
+    bad = dict(good, id="piqa-1", choices=choices, gold=gold)
+    (tmp_path / "commonsense").mkdir()
+    path = tmp_path / "commonsense" / "piqa.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    message = f"{path}: record piqa-1 has {len(choices)} choices and gold {gold}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ev.load_task("piqa", data_dir=tmp_path)
+    path.write_text(json.dumps(good) + "\n")
+    assert ev.load_task("piqa", data_dir=tmp_path) == [good]
 
 
 @pytest.mark.parametrize("task", ["piqa", "hellaswag"])
@@ -413,7 +516,7 @@ def test_command_line_writes_the_json(stories_dir, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_rotate_and_quantize_flags_reach_the_model(stories_dir):
+def test_rotate_and_quantize_flags_reach_the_model(stories_dir, monkeypatch):
     """--rotate really rotates (the weights change, the online Hadamard is in place, the function
     does not change), and --bits 4 quantizes a different network with and without it."""
     rotate = pytest.importorskip("rotate")
@@ -435,13 +538,20 @@ def test_rotate_and_quantize_flags_reach_the_model(stories_dir):
     args = ev.parse_args(common + ["--rotate", "--bits", "4"])
     assert (args.quant.w_bits, args.quant.a_bits, args.quant.kv_bits) == (4, 4, 16)
     quantized, quantized_logits = prepared("--rotate", "--bits", "4")
-    assert any(type(m).__name__ == "QuantLinear" for m in quantized.modules())
+    linears = [m for m in quantized.layers.modules() if type(m).__name__ == "QuantLinear"]
+    assert len(linears) == 7 * len(quantized.layers)
+    assert all(m.input_quantizer.bits == 4 for m in linears)  # --bits 4 is W4 *and* A4
     _, unrotated_quantized_logits = prepared("--bits", "4")
     # W4A4 costs something, and what it costs depends on the rotation
     assert (quantized_logits - plain_logits).abs().max() > 1e-2
     assert (quantized_logits - unrotated_quantized_logits).abs().max() > 1e-2
-    # the whole command runs, and rotation alone leaves every accuracy as it was
+    # the whole command runs, scores the rotated model, and rotation alone leaves every accuracy as it was
+    scored = []
+    evaluate_tasks = ev.evaluate_tasks
+    monkeypatch.setattr(ev, "evaluate_tasks",
+                        lambda model, *a, **k: scored.append(model) or evaluate_tasks(model, *a, **k))
     plain_results, rotated_results = ev.main(common), ev.main(common + ["--rotate"])
+    assert [isinstance(m.layers[0].mlp.down_input_transform, rotate.OnlineHadamard) for m in scored] == [False, True]
     for task in ("arc_easy", "piqa"):
         assert rotated_results["tasks"][task]["acc_norm"] == plain_results["tasks"][task]["acc_norm"]
 

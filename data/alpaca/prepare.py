@@ -89,8 +89,13 @@ def calibration_text(path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"calibration file {path} not found")
     if path.suffix == ".json":
+        records = read_json(path)
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"{path}: expected a non-empty JSON list of Alpaca records")
+        for i, r in enumerate(records):  # prepare()'s checks: objects of string fields, errors name the record
+            to_example(r, f"{path} record {i}")
         return "\n\n".join("\n".join(r[k] for k in ("instruction", "input", "output") if r.get(k))
-                           for r in read_json(path))
+                           for r in records)
     return read_text(path)
 
 
