@@ -3,10 +3,13 @@ and end to end on stories260K (slow): it learns, it resumes exactly, it stops on
 flag the README quotes numbers for (--qat, --quant gptq, --variant reslora, --grad-checkpointing,
 --grad-accum) really changes what runs, or provably does not change the result."""
 import copy
+import io
 import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +53,24 @@ def reference_loss(model, tokenized) -> float:
     return total / count
 
 
+def response_loss(model, tok, examples, seq_len) -> float:
+    """reference_loss from the raw examples, not through train.tokenize_example: the scored tokens
+    are those after the tokens of the prompt (BOS + prompt), up to the cutoff."""
+    tokenized = []
+    for e in examples:
+        ids = tok.encode(e["prompt"] + e["response"], bos=True, eos=True)[:seq_len + 1]
+        prompt = tok.encode(e["prompt"], bos=True)
+        assert ids[:len(prompt)] == prompt  # the prompt's tokens are a prefix of the full text's
+        tokenized.append((ids, len(prompt)))
+    return reference_loss(model, tokenized)
+
+
+def offline_run(cfg: train.TrainConfig, tmp_path) -> train.Run:
+    """A Run on the CPU without open_run (no lock, the log in memory): the stages called one by one."""
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return train.Run(cfg, tmp_path / "run", "cpu", torch.float32, nullcontext(), io.StringIO())
+
+
 # -----------------------------------------------------------------------------
 # Fast: flags, data, loss
 
@@ -80,6 +101,7 @@ BAD_FLAGS = [
     (["--eval-limit", "-1"], "--eval-limit=-1: must be at least 1 (0 or none: all)"),
     (["--dtype", "float16"], "--dtype='float16'"),
     (["--data", "nope"], "--data nope: no data/nope/prepare.py"),
+    (["--device", "tpu"], "--device='tpu': must be auto, cpu or cuda[:N]"),
 ]
 
 
@@ -131,6 +153,49 @@ def test_zero_or_none_means_all_for_every_count(flag):
     assert train.parse_args(["--bits", "none"]).bits is None
 
 
+def test_rotating_a_rotated_checkpoint_is_refused(tmp_path, capsys):
+    (tmp_path / "rotated").mkdir()
+    (tmp_path / "rotated" / "rotation.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", str(tmp_path / "rotated"), "--rotate"])
+    assert "is already rotated" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert train.parse_args(["--model", str(tmp_path / "rotated")]).rotate is False  # as it is: fine
+
+
+@pytest.mark.parametrize("value,kept", [("0", 7), ("none", 7), ("3", 3)])
+def test_val_examples_zero_or_none_holds_out_every_example(value, kept, tmp_path, monkeypatch):
+    """What the flag's None means downstream: load_model_and_data keeps every held-out example."""
+    tok = WordTokenizer()
+    rows = {split: [{"prompt": f"question {i}\n", "response": " ".join(["word"] * 20)} for i in range(n)]
+            for split, n in (("train", 10), ("val", 7))}
+    monkeypatch.setattr(train, "load_model", lambda name, dtype, device: (tiny_model(), tok, tmp_path))
+    monkeypatch.setattr(train, "load_examples", lambda data, split: rows[split])
+    monkeypatch.setattr(train, "load_test_text", lambda: "")
+    cfg = replace_options(train.parse_args(["--val-examples", value]), calib_windows=4, calib_seq_len=64)
+    r = offline_run(cfg, tmp_path)
+    train.load_model_and_data(r)
+    assert r.val_set == [train.tokenize_example(tok, e, cfg.seq_len) for e in rows["val"][:kept]]
+
+
+@pytest.mark.parametrize("value,steps", [("0", 6), ("none", 6), ("4", 4)])
+def test_max_steps_zero_or_none_trains_for_epochs(value, steps, tmp_path, one_thread):
+    """--max-steps 0/none: --epochs 1.5 over 16 examples in batches of 4 is 6 optimizer steps."""
+    import lora
+    tok = WordTokenizer()
+    cfg = replace_options(train.parse_args(["--max-steps", value]), epochs=1.5, batch_size=4, eval_every=100,
+                          save_every=100, rank=2)
+    model = tiny_model(seed=1)
+    cfg.lora.add_to(model)
+    lora.mark_only_lora_trainable(model)
+    r = offline_run(cfg, tmp_path)
+    r.pad_id = tok.eos_id
+    r.train_set = [train.tokenize_example(tok, {"prompt": f"q {i}\n", "response": "a b c"}, 32) for i in range(16)]
+    r.val_set = r.train_set[:2]
+    history = train.finetune(r, model)
+    assert len(history["train_loss"]) == steps
+    assert (r.out / "latest").read_text().strip() == f"ckpt-{steps:06d}"
+
+
 def test_prompt_tokens_carry_no_loss_and_padding_neither():
     tok = WordTokenizer()
     examples = [{"prompt": "### Instruction: add two and two\n### Response:\n", "response": "four"},
@@ -174,6 +239,43 @@ def test_heldout_loss_is_the_mean_over_response_tokens():
     # counting the prompt too would give another number: the mask matters on this data
     everything = [(ids, 1) for ids, _ in tokenized]
     assert abs(reference_loss(model, everything) - reference_loss(model, tokenized)) > 1e-3
+
+
+@pytest.mark.parametrize("crash", ["writing", "cleaning up"])
+def test_a_crash_while_checkpointing_leaves_latest_complete(crash, tmp_path, monkeypatch):
+    """Killed while writing checkpoint 2 (its adapters) or while deleting checkpoint 1 (after
+    the new one is complete): OUT/latest still names a checkpoint that loads."""
+    import shutil
+    import safetensors.torch
+    import lora
+    model = lora.add_lora(tiny_model(), rank=2)
+    lora.mark_only_lora_trainable(model)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    out = tmp_path / "run"
+    train.save_training_checkpoint(out, 1, model, optimizer, scheduler, {"history": {}})
+    real_rmtree, real_save = shutil.rmtree, safetensors.torch.save_file
+
+    def rmtree_then_die(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        if Path(path).name == "ckpt-000001":
+            raise KeyboardInterrupt("killed after deleting the old checkpoint")
+
+    def die_writing(tensors, filename, *args, **kwargs):
+        if Path(filename).name == "adapters.safetensors":
+            raise KeyboardInterrupt("killed while writing")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    if crash == "writing":
+        monkeypatch.setattr(safetensors.torch, "save_file", die_writing)
+    else:
+        monkeypatch.setattr(shutil, "rmtree", rmtree_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_training_checkpoint(out, 2, model, optimizer, scheduler, {"history": {}})
+    monkeypatch.undo()
+    meta = train.load_training_checkpoint(out, model, optimizer, scheduler)
+    assert meta["step"] == (1 if crash == "writing" else 2)
 
 
 # -----------------------------------------------------------------------------
@@ -249,22 +351,36 @@ def test_alpaca_training_loss_covers_the_responses_only(tmp_path, stories):
     model's mean loss over the response tokens of that step's examples, computed one by one."""
     model, tok = stories
     cfg = quick_config(tmp_path, data="alpaca", seq_len=256, batch_size=4, max_steps=1, val_examples=4)
-    history = train.run(cfg)["history"]
-    examples = first_step_examples(cfg, tok)
-    assert all(n_prompt > 20 for _, n_prompt in examples)  # real prompts, masked
-    assert history["train_loss"][0] == pytest.approx(reference_loss(model, examples), rel=1e-5)
+    results = train.run(cfg)
+    raw = train.batch_for_step(0, train.load_examples("alpaca", "train"), cfg.batch_size, cfg.seed)
+    assert all(len(tok.encode(e["prompt"])) > 20 for e in raw)  # real prompts, masked
+    assert results["history"]["train_loss"][0] == pytest.approx(response_loss(model, tok, raw, cfg.seq_len), rel=1e-5)
+    # and the held-out loss of the table: the base model's, over the responses of the first 4 held-out examples
+    heldout = response_loss(model, tok, train.load_examples("alpaca", "val")[:4], cfg.seq_len)
+    assert results["rows"]["before / FP"]["heldout_loss"] == pytest.approx(heldout, rel=1e-5)
 
 
 @pytest.mark.slow
-def test_grad_accumulation_equals_one_big_batch(tmp_path, stories):
+def test_grad_accumulation_equals_one_big_batch(tmp_path, stories, monkeypatch):
     """--grad-accum 4 (micro-batches of 2) must give the adapters of one batch of 8, also when
     examples have very different response lengths and some prompts fill the whole cutoff."""
     _, tok = stories
     settings = dict(data="alpaca", seq_len=160, batch_size=8, max_steps=3, val_examples=4, save_every=3)
     cut_off = [train.count_targets(ids, n) == 0 for ids, n in first_step_examples(quick_config(tmp_path, **settings), tok)]
     assert any(cut_off) and not all(cut_off)  # the case a per-micro-batch mean turns into NaN
+    sizes, real_make_batch = [], train.make_batch
+
+    def recording_make_batch(tokenized, pad_id):
+        if torch.is_grad_enabled():  # a training forward (held-out losses run without grad)
+            sizes.append(len(tokenized))
+        return real_make_batch(tokenized, pad_id)
+
+    monkeypatch.setattr(train, "make_batch", recording_make_batch)
     one = train.run(quick_config(tmp_path / "one", **settings))
+    assert sizes == [8] * 3
+    sizes.clear()
     accumulated = train.run(quick_config(tmp_path / "acc", grad_accum=4, **settings))
+    assert sizes == [2] * 4 * 3  # the flag is not ignored: 4 forwards of 2 examples per step
     assert accumulated["history"]["train_loss"] == pytest.approx(one["history"]["train_loss"], rel=1e-5)
     a, b = _final_adapters(tmp_path / "one" / "run"), _final_adapters(tmp_path / "acc" / "run")
     for key in a:
@@ -293,19 +409,29 @@ def test_qat_trains_on_the_quantized_model_and_merges_into_the_float_one(tmp_pat
 
 
 @pytest.mark.slow
-def test_quant_gptq_runs_gptq_on_calibration_from_the_training_data(tmp_path, monkeypatch):
+def test_quant_gptq_runs_gptq_on_calibration_from_the_training_data(tmp_path, monkeypatch, stories):
     import quant
-    calls = []
+    _, tok = stories
+    calls, windows = [], []
     real_gptq = quant.gptq_quantize_blocks
 
     def spy(model, calibration, config, progress=True):
         calls.append((tuple(calibration.shape), config.w_bits))
+        windows.append(calibration.clone())
         return real_gptq(model, calibration, config, progress)
 
     monkeypatch.setattr(quant, "gptq_quantize_blocks", spy)
     common = dict(w_bits=4, a_bits=16, max_steps=2, calib_windows=8, calib_seq_len=64)
-    gptq = train.run(quick_config(tmp_path / "gptq", w_method="gptq", **common))["rows"]
+    cfg = quick_config(tmp_path / "gptq", w_method="gptq", **common)
+    gptq = train.run(cfg)["rows"]
     assert calls == [((8, 64), 4), ((8, 64), 4)]  # before and after fine-tuning
+    # every window is 64 consecutive tokens of the tokenized training examples (never the evaluation text)
+    stream = torch.tensor([i for e in train.load_examples("tinystories", "train")
+                           for i in train.tokenize_example(tok, e, cfg.seq_len)[0]])
+    for window in windows[0]:
+        starts = (stream[:-63] == window[0]).nonzero().flatten()  # where the window could begin
+        assert (stream[starts[:, None] + torch.arange(64)] == window).all(dim=1).any()
+    assert torch.equal(windows[0], windows[1])
     rtn = train.run(quick_config(tmp_path / "rtn", w_method="rtn", **common))["rows"]
     assert len(calls) == 2
     for row in ("before / W4A16", "after / W4A16"):  # measured: 1.907 vs 1.941, 1.914 vs 1.925
@@ -314,23 +440,32 @@ def test_quant_gptq_runs_gptq_on_calibration_from_the_training_data(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_reslora_variant_trains_reslora_adapters(tmp_path):
-    cfg = quick_config(tmp_path, variant="reslora", res_type="middle", pre_num=2, max_steps=4)
+@pytest.mark.parametrize("merge", ["input", "weight"])
+def test_reslora_variant_trains_reslora_adapters(tmp_path, merge, stories):
+    cfg = quick_config(tmp_path, variant="reslora", res_type="middle", pre_num=2, max_steps=4, reslora_merge=merge)
     rows = train.run(cfg)["rows"]
     config = json.loads((tmp_path / "run" / "adapters" / "adapter_config.json").read_text())
     assert config["peft_type"] == "RESLORA" and config["reslora"]["res_type"] == "middle"
     assert config["reslora"]["pre_num"] == 2
     assert rows["after / FP"]["heldout_loss"] < rows["before / FP"]["heldout_loss"]
+    if merge == "weight":  # needs no training statistics: the saved adapters, merged again, give the same model
+        import lora
+        model, tok = stories
+        merged = lora.merge_lora(lora.load_adapters(copy.deepcopy(model), tmp_path / "run" / "adapters"), "weight")
+        val = [train.tokenize_example(tok, e, cfg.seq_len) for e in train.load_examples("tinystories", "val")][:32]
+        loss = train.heldout_loss(merged, val, tok.eos_id, 32, "cpu", torch.autocast("cpu", enabled=False))
+        assert loss == pytest.approx(rows["after / FP"]["heldout_loss"], rel=1e-5)
 
 
 @pytest.mark.slow
-def test_grad_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypatch):
+def test_grad_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypatch, stories_dir):
     import torch.utils.checkpoint
     calls = {"n": 0}
     real_checkpoint = torch.utils.checkpoint.checkpoint
 
     def counting_checkpoint(*args, **kwargs):
-        calls["n"] += 1
+        if torch.is_grad_enabled():  # training forwards only (evaluations run without grad)
+            calls["n"] += 1
         return real_checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
@@ -338,11 +473,15 @@ def test_grad_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypat
     plain = train.run(quick_config(tmp_path / "plain", **settings))
     assert calls["n"] == 0
     recomputed = train.run(quick_config(tmp_path / "ckpt", grad_checkpointing=True, **settings))
-    assert calls["n"] >= 3 * 5  # every block of every training forward (stories260K: 5 blocks)
+    assert calls["n"] == 3 * 5  # every block of every training forward (stories260K: 5 blocks)
     assert recomputed["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], rel=1e-6)
     a, b = _final_adapters(tmp_path / "plain" / "run"), _final_adapters(tmp_path / "ckpt" / "run")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+    # with --qat the model that trains is the quantized copy: that is the one that recomputes
+    calls["n"] = 0
+    train.run(quick_config(tmp_path / "qat", grad_checkpointing=True, qat=True, bits=4, **settings))
+    assert calls["n"] == 3 * 5
 
 
 @pytest.mark.slow
@@ -374,7 +513,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stori
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, stories):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, stories, bad):
     calls = {"n": 0}
     real_loss = train.summed_token_loss
 
@@ -383,7 +523,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         if torch.is_grad_enabled():  # a training step (held-out evaluations run without grad)
             calls["n"] += 1
             if calls["n"] == 7:
-                return loss * float("nan")
+                return loss * bad
         return loss
 
     monkeypatch.setattr(train, "summed_token_loss", loss_turning_nan)
