@@ -18,6 +18,7 @@ def script_configs() -> dict:
     import bench_quant
     import bench_rotate
     import bench_train
+    import reproduce
     import eval as ev
     import model
     import rotate
@@ -27,7 +28,7 @@ def script_configs() -> dict:
             "bench/bench_model.py": bench_model.BenchModelConfig(),
             "bench/bench_quant.py": bench_quant.BenchQuantConfig(),
             "bench/bench_rotate.py": bench_rotate.BenchRotateConfig(),
-            "bench/bench_train.py": bench_train.BenchTrainConfig()}
+            "bench/bench_train.py": bench_train.BenchTrainConfig(), "bench/reproduce.py": reproduce.ReproduceConfig()}
 
 
 def readme_commands() -> list[list[str]]:
