@@ -202,6 +202,15 @@ class WeightOnGrid(NamedTuple):
     zero: torch.Tensor         # (out, n_groups), integer-valued floats
 
 
+def inverse_hessian_factor(H: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp I)^-1, float32: its row i says how quantizing column i
+    moves the columns after it. Dampening (a share of the mean diagonal) keeps H invertible;
+    cholesky_solve rather than cholesky_inverse, which is pathologically slow on a busy CPU."""
+    H = H + damp_ratio * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    H_inv = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype, device=H.device), torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(H_inv, upper=True).float()
+
+
 @torch.no_grad()
 def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
                          group_size: int | None = None, symmetric: bool = True,
@@ -249,13 +258,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, bits: int,
         perm = torch.argsort(H.diagonal(), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
-    H.diagonal().add_(damp_ratio * H.diagonal().mean())  # dampening: keeps H invertible
-    # Upper Cholesky factor of H^-1: its rows give the error propagation of each step
-    # (cholesky_solve rather than cholesky_inverse: the latter is pathologically slow on
-    # a busy multi-threaded CPU)
-    H_inv = torch.cholesky_solve(torch.eye(n_cols, dtype=H.dtype, device=H.device), torch.linalg.cholesky(H))
-    H_inv = torch.linalg.cholesky(H_inv, upper=True).float()
-
+    H_inv = inverse_hessian_factor(H, damp_ratio)
     Q = torch.zeros_like(W)
     for b1 in range(0, n_cols, block_size):
         b2 = min(b1 + block_size, n_cols)
