@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from helpers import tiny_model
 from lora import (LoRALinear, ResLoRAChain, ResLoRALinear, add_lora, load_adapters, load_lora_state_dict,
-                  lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora, save_adapters)
+                  lora_modules, lora_state_dict, mark_only_lora_trainable, merge_lora, remove_lora,
+                  save_adapters)
 from model import load_checkpoint, save_checkpoint
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -92,6 +93,13 @@ def test_merge_twice_changes_nothing_and_unmerge_restores_the_base():
     for name, m in lora_modules(model).items():
         assert torch.allclose(m.weight, base[name + ".weight"], atol=1e-6, rtol=0)
     assert max_diff(model(idx), unmerged) < 1e-5
+    # remove_lora puts the base linears back, unmerging a merged wrapper first: the base model again
+    wrappers = lora_modules(model)
+    wrappers["layers.1.mlp.down_proj"].merge()
+    remove_lora(model)
+    assert not lora_modules(model) and isinstance(model.layers[1].mlp.down_proj, nn.Linear)
+    assert all(torch.allclose(model.get_submodule(name).weight, base[name + ".weight"], atol=1e-6, rtol=0)
+               for name in wrappers)
 
 
 def test_only_adapters_get_gradients_and_the_base_is_bit_identical_after_training():
@@ -435,6 +443,33 @@ def test_reslora_input_based_merge_is_exact_when_inputs_are_scaled_copies(res_ty
     assert all(max_diff(m(x), u) < 1e-10 for m, x, u in zip(layers, xs, unmerged))
 
 
+@pytest.mark.parametrize("res_type,pre_num", [("input", 1), ("middle", 2)])
+def test_reslora_weight_based_coefficients_are_ratios_of_merged_weight_norms(res_type, pre_num):
+    """reslora_merge="weight" estimates ||x_j|| / ||x_n|| by the paper's a_i = ||W*_{i-2}||_F / ||W*_{i-1}||_F
+    over i = j+1..n (a_1 = 1), W* = W + s B A. The product telescopes to ||W*_{max(j-1, 0)}|| / ||W*_{n-1}||:
+    the norms of the merged weights (not of the base weights), the same whichever layers merged first."""
+    layers = reslora_chain(res_type, pre_num, n_layers=5)
+    s = layers[0].scaling
+    merged_norm = [torch.linalg.matrix_norm(m.base_layer.weight + s * m.lora_B.weight @ m.lora_A.weight).item()
+                   for m in layers]
+    base_norm = [torch.linalg.matrix_norm(m.base_layer.weight).item() for m in layers]
+
+    def expected(norms, n):  # the coefficients of layer n, for j = n-1, n-2, ... as the window goes
+        ratios = [norms[max(j - 1, 0)] / norms[n - 1] for j in range(n - 1, max(n - pre_num, 0) - 1, -1)]
+        return (ratios[0] if n else 1.0) if res_type == "input" else ratios
+
+    got = [m.compute_merge_coefficients("weight") for m in layers]
+    for n, coefficients in enumerate(got):
+        assert coefficients == pytest.approx(expected(merged_norm, n), rel=1e-12), n
+    # the adapters move the norms enough that the base weights' norms would give other coefficients
+    flat = lambda cs: [c for layer in cs for c in (layer if isinstance(layer, list) else [layer])]  # noqa: E731
+    assert max(abs(a - b) for a, b in zip(flat(got), flat([expected(base_norm, n) for n in range(5)]))) > 1e-2
+    # merging layer by layer (each merge reads the norms of layers already merged) changes none of them
+    for m, coefficients in zip(layers, got):
+        m.merge("weight")
+        assert m.merge_coefficients == pytest.approx(coefficients, rel=1e-12)
+
+
 def test_reslora_block_merge_is_exact_on_a_model():
     model = tiny_model(num_hidden_layers=4)
     plain = copy.deepcopy(model)
@@ -681,6 +716,6 @@ def test_reslora_approximate_merge_error_on_stories260K(stories_model):
         errors = reslora_merge_errors(model, base, idx)
         for how, (relative, largest) in errors.items():
             if res_type == "block":  # exact up to float32 rounding: measured 1.3e-7 (max 7.6e-6 on logits up to 17)
-                assert relative < 1e-5, how
+                assert relative < 1e-5 and largest < 1e-4, how
             else:
                 assert relative < STORIES_RESLORA_MERGE_BOUNDS[res_type, how], how

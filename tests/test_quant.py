@@ -394,19 +394,13 @@ def test_quant_linear_is_the_linear_of_the_quantized_input_and_weight():
     assert torch.equal(ql.weight, stored)  # the weight is quantized once, not at every forward
 
 
-@torch.no_grad()
-def sgd_step(module, lr=0.1):
-    """What torch.optim.SGD(module.parameters(), lr).step() does, without its ~2 s of imports on
-    first use: every parameter that requires grad and has one moves against it."""
-    for p in module.parameters():
-        if p.requires_grad and p.grad is not None:
-            p -= lr * p.grad
-
-
 def test_quant_linear_weight_qat_mode_trains_the_float_weight():
     linear = nn.Linear(32, 12, bias=False)
     ql = QuantLinear.from_linear(linear, w_bits=4, quantize_weight_every_forward=True, w_clip_search=False)
     assert torch.equal(ql.weight, linear.weight) and ql.weight is not linear.weight  # the float weight, copied
+    # a real optimizer, built before the forward as a training loop builds it: it must hold the very
+    # Parameter the forward quantizes
+    optimizer = torch.optim.SGD(ql.parameters(), lr=0.1)
     x, upstream = torch.randn(4, 32), torch.randn(4, 12)
     out = ql(x)  # (4, 12)
     assert torch.allclose(out, F.linear(x, quantize_weight_rtn(linear.weight, 4, clip_search=False)), atol=1e-6)
@@ -414,8 +408,8 @@ def test_quant_linear_weight_qat_mode_trains_the_float_weight():
     # straight-through: with clip ratio 1 nothing is clamped, so the float linear's gradient
     assert torch.allclose(ql.weight.grad, upstream.T @ x, atol=1e-5)
     before = ql.weight.detach().clone()
-    sgd_step(ql)
-    assert not torch.allclose(ql.weight, before)
+    optimizer.step()
+    assert torch.allclose(ql.weight, before - 0.1 * upstream.T @ x, atol=1e-6)  # the float weight moved
     with torch.no_grad():  # the next forward quantizes the new float weight
         after = ql(x)
         assert torch.allclose(after, F.linear(x, quantize_weight_rtn(ql.weight, 4, clip_search=False)), atol=1e-6)
@@ -424,12 +418,53 @@ def test_quant_linear_weight_qat_mode_trains_the_float_weight():
     # without quantize_weight_every_forward the stored quantized weight is frozen: nothing to train
     frozen = QuantLinear.from_linear(linear, w_bits=4, w_clip_search=False)
     assert not any(p.requires_grad for p in frozen.parameters())
+    optimizer = torch.optim.SGD(frozen.parameters(), lr=0.1)
     x.requires_grad_()  # so that backward runs at all
     (frozen(x) * upstream).sum().backward()
     assert frozen.weight.grad is None
     stored = frozen.weight.detach().clone()
-    sgd_step(frozen)
+    optimizer.step()
     assert torch.equal(frozen.weight, stored)
+
+
+@pytest.mark.parametrize("options", [dict(w_clip_search=False), dict(w_group_size=16, w_symmetric=False)],
+                         ids=["per-channel", "asymmetric-groups-clip-search"])
+def test_weight_qat_model_requantizes_every_trained_float_weight_on_its_configured_grid(options):
+    """quantize_model(quantize_weight_every_forward=True), then AdamW steps on the whole model: every
+    block linear keeps a trainable float weight, each forward quantizes it by RTN with the config's
+    grid (bits, groups, symmetry, clip search), and the optimizer moves the float weights."""
+    model = quantize_model(tiny_model(seed=5), w_bits=4, quantize_weight_every_forward=True, progress=False, **options)
+    group_size, symmetric = options.get("w_group_size"), options.get("w_symmetric", True)
+    clip_search = options.get("w_clip_search", True)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(linears) == 7 * len(model.layers)
+
+    def assert_forward_quantizes_the_float_weight():
+        g = torch.Generator().manual_seed(0)
+        for name, m in linears.items():
+            float_weight = m.weight.detach()
+            on_grid = m.weight_quantizer(float_weight)
+            grid = rtn_grid(float_weight, 4, group_size, symmetric, clip_search)
+            assert_on_integer_grid(on_grid, *grid, 4, symmetric)
+            x = torch.randn(3, m.in_features, generator=g)
+            with torch.no_grad():
+                expected = F.linear(x, quantize_weight_rtn(float_weight, 4, group_size, symmetric, clip_search))
+                assert torch.allclose(m(x), expected, atol=1e-6), name
+
+    assert_forward_quantizes_the_float_weight()
+    before = {name: m.weight.detach().clone() for name, m in linears.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    idx = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        loss = F.cross_entropy(model(idx[:, :-1]).flatten(0, 1), idx[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears.values())
+        optimizer.step()
+    model.eval()
+    assert all(not torch.equal(m.weight, before[name]) for name, m in linears.items())
+    assert_forward_quantizes_the_float_weight()
 
 
 LINEAR_PATHS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -499,6 +534,29 @@ def test_a_weight_quantized_model_saves_and_reloads_as_a_plain_checkpoint(tmp_pa
     idx = torch.randint(0, 128, (2, 12))
     with torch.no_grad():
         assert torch.equal(load_checkpoint(tmp_path)(idx), model(idx))
+
+
+@pytest.mark.parametrize("a_symmetric,a_clip_ratio,kv_clip_ratio", [(False, 0.9, 0.8), (True, 0.75, 1.0)])
+def test_quantize_model_activation_and_kv_options_reach_every_quantizer(a_symmetric, a_clip_ratio, kv_clip_ratio):
+    """a_symmetric and a_clip_ratio shape every block linear's input grid, kv_clip_ratio every K/V grid
+    (always asymmetric): each quantizer computes fake_quantize per row with exactly these options."""
+    model = quantize_model(tiny_model(seed=6), a_bits=4, kv_bits=4, a_symmetric=a_symmetric,
+                           a_clip_ratio=a_clip_ratio, kv_clip_ratio=kv_clip_ratio, progress=False)
+    with torch.no_grad():
+        for i, block in enumerate(model.layers):
+            for j, path in enumerate(LINEAR_PATHS):
+                linear = module_at(block, path)
+                x = heavy_tailed(2, 5, linear.in_features, seed=10 * i + j) + 0.5  # shifted: asymmetry matters
+                quantized_input = fake_quantize(x, 4, "row", symmetric=a_symmetric, clip_ratio=a_clip_ratio)
+                assert torch.allclose(linear(x), F.linear(quantized_input, linear.weight), atol=1e-6), (i, path)
+                # the options make a difference: the default grid (symmetric, no clipping) is another input
+                assert not torch.allclose(quantized_input, fake_quantize(x, 4, "row"), atol=1e-3)
+            for name in ("key_transform", "value_transform"):
+                kv = heavy_tailed(2, 2, 7, 16, seed=100 + i)  # (B, n_kv, T, head_dim): a row per head and token
+                expected = fake_quantize(kv, 4, "row", symmetric=False, clip_ratio=kv_clip_ratio)
+                assert torch.equal(getattr(block.self_attn, name)(kv), expected), (i, name)
+                if kv_clip_ratio < 1:
+                    assert not torch.allclose(expected, fake_quantize(kv, 4, "row", symmetric=False), atol=1e-3)
 
 
 def test_quantized_kv_cache_generation_equals_full_recomputation():
