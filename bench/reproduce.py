@@ -98,9 +98,24 @@ def read_results(args) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e}); restore it from git or delete it to start over") from None
 
 
+# the options every number depends on: a results file holds cells of one value of each
+NUMBERS_DEPEND_ON = ("model", "data", "seed", "steps", "tasks", "eval_limit", "ppl_windows", "ppl_seq_len",
+                     "val_examples", "calib_windows", "calib_seq_len")
+
+
+def check_same_grid(args, results: dict):
+    """Refuse to add cells made with other settings to a results file (its table would mix them)."""
+    saved = results.get("grid", {})
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the file has {saved[k]})"
+               for k in NUMBERS_DEPEND_ON if k in saved and saved[k] != getattr(args, k)]
+    if changed:
+        raise ValueError(f"{args.results}: its cells were made with other settings: {'; '.join(changed)}. "
+                         "Use those, or another --results file")
+
+
 def save_cell(args, results: dict, name: str, cell: dict):
     results["cells"][name] = dict(cell, finished=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine())
-    results["grid"] = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("status", "table", "figures")}
+    results["grid"] = {k: getattr(args, k) for k in NUMBERS_DEPEND_ON}
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
@@ -167,6 +182,7 @@ def run_evaluation(args, results: dict, method: str, setting: str):
 
 def run_grid(args):
     results = read_results(args)
+    check_same_grid(args, results)
     cells = results["cells"]
     needed = {METHODS[m][0] for m in args.method_list()}
     for method in args.method_list():

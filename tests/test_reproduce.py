@@ -89,6 +89,15 @@ def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_p
             assert cells(other)[name]["row"] == continued[name]["row"]
 
 
+def test_cells_of_other_settings_are_never_mixed_into_one_results_file(tmp_path, stories_dir):
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match=r"results\.json: its cells were made with other settings: --steps 4 "
+                                         r"\(the file has 3\)"):
+        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp,w4a4_rtn", "--steps", "4"))
+    assert (tmp_path / "results.json").read_text() == before  # nothing written
+
+
 def test_unknown_methods_and_settings_are_one_line_errors(capsys):
     for flag, value in (("--methods", "lora,qlora"), ("--settings", "w3a3")):
         with pytest.raises(SystemExit):
