@@ -325,9 +325,11 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, x.shape[-1])  # (tokens, features)
+        if rows.dtype in (torch.float16, torch.bfloat16):  # the grid in fp32: bf16 has 8 bits of mantissa
+            rows = rows.float()
         scale, zero = compute_scale_zero(rows, self.bits, self.symmetric, self.clip_ratio)
         out = round_to_grid(rows, scale, None if self.symmetric else zero, self.qmin, self.qmax)
-        return out.reshape(x.shape)
+        return out.reshape(x.shape).to(x.dtype)
 
     def extra_repr(self):
         kind = "symmetric" if self.symmetric else "asymmetric"

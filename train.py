@@ -71,7 +71,8 @@ class TrainConfig:
                                    at_least=1, zero_means_all=True)
     grad_clip: float = option(1.0, "clip the adapter gradient norm to this")
     qat: bool = option(False, "keep activation quantizers active during fine-tuning (straight-through estimator)")
-    dtype: str = option("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), float32 or bfloat16",
+    dtype: str = option("auto", "auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16 (bf16 weights, bf16 "
+                        "autocast, fp32 adapters and quantizer arithmetic, on CPU as on CUDA)",
                         choices=("auto", "float32", "bfloat16"))
     grad_checkpointing: bool = option(False, "recompute block activations in the backward pass (saves memory)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
@@ -385,7 +386,10 @@ def open_run(cfg: TrainConfig):
     run at a time may write it) and its log open."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 and device.startswith("cuda") else nullcontext()
+    # bf16 the same way on a CPU as on CUDA: base weights in bf16, matmuls under autocast, the
+    # adapters' master weights (finetune_stage) and the quantizers' arithmetic (quant.py) in fp32
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     with locked_output_folder(out), (out / "log.txt").open("a") as log_file:

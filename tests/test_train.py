@@ -538,3 +538,40 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(train, "summed_token_loss", real_loss)
     resumed = train.run(quick_config(tmp_path, save_every=3, resume=True))
     assert len(resumed["history"]["train_loss"]) == cfg.max_steps
+
+
+@pytest.mark.slow
+def test_bfloat16_on_cpu_is_bf16_weights_under_autocast_with_fp32_adapters(tmp_path, monkeypatch, stories_dir):
+    """--dtype bfloat16 on a CPU works as on CUDA: bf16 base weights, matmuls under bf16 autocast,
+    fp32 adapter master weights; the numbers stay close to the fp32 run's."""
+    seen = {}
+    real_finetune = train.finetune
+
+    def spy(run, model):
+        seen["autocast"] = run.autocast
+        seen["base"] = model.layers[0].mlp.up_proj.weight.dtype
+        seen["adapters"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        hook = model.layers[0].mlp.up_proj.register_forward_hook(lambda m, a, y: seen.setdefault("matmul", y.dtype) and None)
+        try:
+            return real_finetune(run, model)
+        finally:
+            hook.remove()
+    monkeypatch.setattr(train, "finetune", spy)
+    fp32 = train.run(quick_config(tmp_path / "fp32", max_steps=4, bits=4))
+    assert seen["matmul"] == torch.float32
+    seen.clear()
+    bf16 = train.run(quick_config(tmp_path / "bf16", max_steps=4, bits=4, dtype="bfloat16"))
+    assert isinstance(seen["autocast"], torch.autocast) and seen["autocast"].device == "cpu"
+    assert seen["base"] == torch.bfloat16 and seen["adapters"] == {torch.float32}
+    assert seen["matmul"] == torch.bfloat16
+    for label in ("after / FP", "after / W4A4"):
+        assert bf16["rows"][label]["heldout_loss"] == pytest.approx(fp32["rows"][label]["heldout_loss"], rel=0.03)
+
+
+def test_activation_quantizer_computes_its_grid_in_float32_for_bf16_inputs():
+    from quant import ActQuantizer
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 3
+    quantizer = ActQuantizer(4, symmetric=False, clip_ratio=0.95)
+    out = quantizer(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, quantizer(x.float()).to(torch.bfloat16))  # the fp32 grid, rounded once at the end
