@@ -1,11 +1,12 @@
 """Saved rotated models: the rotated weights in the Hugging Face layout plus rotation.json.
 
-rotate.rotate_model changes the weights (norms folded, R1, R4's inverse in down_proj, R2) and,
-with R4, adds an online Hadamard before every down_proj: such weights are a plain LLaMA only
-together with that module. So a rotated directory carries its record (rotation.json, listed in
-model.STAGE_RECORDS so that model.load_checkpoint refuses it) and load_rotated puts the online
-modules back; export_plain_llama writes the other form, R4 folded back, that any LLaMA loader
-(transformers, lm-evaluation-harness's hf model) runs unchanged.
+rotate.rotate_model changes the weights (norms folded, R1, R4's inverse in down_proj, R2) and
+adds online Hadamards: with R4 one before every down_proj (such weights are a plain LLaMA only
+together with it), with R3 one on every query and key head. So a rotated directory carries its
+record (rotation.json, listed in model.STAGE_RECORDS so that model.load_checkpoint refuses it)
+and load_rotated puts the online modules back; export_plain_llama writes the other form, R4
+folded back and R3 dropped, that any LLaMA loader (transformers, lm-evaluation-harness's hf
+model) runs unchanged.
 
     save_rotated(model, model.rotation, "out/rotated")
     model, record = load_rotated("out/rotated")      # the same logits
