@@ -8,9 +8,9 @@ Hadamard before down_proj (R4) does the same for the SwiGLU output, an optional 
 Hadamard between v_proj and o_proj (R2) for the attention values, and an optional online one on
 queries and keys (R3) for the keys the KV cache stores.
 
-The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, `rotate_model` (a rotated
-model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard matrix and its fast Walsh-Hadamard
-transform; 3. `activation_stats`, which measures the outliers before and after; 4. how the
+The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, R3, `rotate_model` (a
+rotated model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard
+matrix and its fast Walsh-Hadamard transform; 3. `activation_stats`, which measures the outliers before and after; 4. how the
 Hadamard matrices are built, from Sylvester's and Paley's constructions (any n = K * 2^m they
 reach, else a reported random orthogonal fallback): read it last, or never.
 
