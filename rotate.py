@@ -10,9 +10,10 @@ queries and keys (R3) for the keys the KV cache stores.
 
 The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, R3, `rotate_model` (a
 rotated model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard
-matrix and its fast Walsh-Hadamard transform; 3. `activation_stats`, which measures the outliers before and after; 4. how the
-Hadamard matrices are built, from Sylvester's and Paley's constructions (any n = K * 2^m they
-reach, else a reported random orthogonal fallback): read it last, or never.
+matrix and its fast Walsh-Hadamard transform; 3. `activation_stats`, which measures the outliers
+before and after; 4. how the Hadamard matrices are built, from Sylvester's and Paley's
+constructions (any n = K * 2^m they reach, else a reported random orthogonal fallback): read it
+last, or never.
 
     python rotate.py --model smollm2-135m-instruct          # outlier table, original vs rotated
     python rotate.py --sizes 576,1536,11008,29568           # which Hadamard each size gets
