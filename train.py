@@ -16,7 +16,6 @@ import importlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -39,6 +38,7 @@ from quant import QuantConfig
 from rotate import RotationConfig
 from data.wikitext2.prepare import load_test_text
 from data.tokenizer import Tokenizer, copy_tokenizer_files
+from data.checkpoints import load_training_checkpoint, locked_output_folder, save_training_checkpoint
 from data.mirror import read_prepared_jsonl
 from data.options import check_options, option, option_group, parse_config
 from model import save_checkpoint, write_atomically
@@ -208,61 +208,6 @@ def heldout_loss(model, examples, pad_id, batch_size, device, autocast) -> float
     return total / max(1, count)
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: adapters + optimizer + scheduler + RNG, in safetensors and JSON (never pickle)
-
-
-def optimizer_tensors(optimizer) -> tuple[dict, dict]:
-    """Flatten AdamW's state into tensors (safetensors) and everything else (JSON)."""
-    state = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v for i, s in state["state"].items() for k, v in s.items()}
-    return tensors, {"param_groups": state["param_groups"]}
-
-
-def save_training_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict):
-    """Write OUT/ckpt-STEP completely, then point OUT/latest at it (an atomic rename), then
-    delete the older checkpoints: an interruption at any moment leaves a complete one."""
-    from safetensors.torch import save_file
-    final = out / f"ckpt-{step:06d}"
-    tmp = out / f".ckpt-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}, tmp / "adapters.safetensors")
-    opt_tensors, opt_rest = optimizer_tensors(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-    meta = dict(extra, step=step, optimizer=opt_rest,
-                scheduler={"last_epoch": scheduler.last_epoch, "_step_count": scheduler._step_count})
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_atomically(out / "latest", lambda tmp: Path(tmp).write_text(final.name))
-    for old in out.glob("ckpt-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def load_training_checkpoint(out: Path, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-    pointer = out / "latest"
-    if not pointer.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {out} (no {pointer})")
-    ckpt = out / pointer.read_text().strip()
-    meta = json.loads((ckpt / "state.json").read_text())
-    lora.load_lora_state_dict(model, load_file(ckpt / "adapters.safetensors"),
-                              source=str(ckpt / "adapters.safetensors"))
-    flat = load_file(ckpt / "optimizer.safetensors")
-    state = {}
-    for key, v in flat.items():
-        _, i, name = key.split(".", 2)
-        state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
-    scheduler.last_epoch = meta["scheduler"]["last_epoch"]
-    scheduler._step_count = meta["scheduler"]["_step_count"]
-    torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_cpu"])
-    return meta
-
-
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     def factor(step):
         if step < warmup_steps:
@@ -290,30 +235,17 @@ def finetune(run: "Run", model) -> dict:
         meta = load_training_checkpoint(out, model, optimizer, scheduler)
         step, history = meta["step"], meta["history"]
         run.log(f"resumed from {out / 'latest'} at step {step}")
-    bar = tqdm(total=total, initial=step, desc="fine-tune", dynamic_ncols=True)
+    trained = data_parallel(model) if run.world > 1 else model
+    bar = tqdm(total=total, initial=step, desc="fine-tune", dynamic_ncols=True, disable=not run.is_main)
     while step < total:
         model.train()
         t0 = time.perf_counter()
         batch = batch_for_step(step, run.train_set, cfg.batch_size, cfg.seed)
-        micro = max(1, math.ceil(len(batch) / cfg.grad_accum))
-        n_targets = sum(count_targets(ids, n_prompt) for ids, n_prompt in batch)
-        loss_sum, tokens = 0.0, 0
-        for i in range(0, len(batch), micro):
-            x, y = make_batch(batch[i:i + micro], run.pad_id)
-            x, y = x.to(run.device), y.to(run.device)
-            with run.autocast:
-                logits = model(x)
-            # divide by the step's target count, not the micro-batch's: the step's loss is the
-            # mean over all its target tokens, however it is split into micro-batches
-            loss = summed_token_loss(logits, y) / max(1, n_targets)
-            if not torch.isfinite(loss):
-                bar.close()
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} at step {step + 1}: stopped. The last good checkpoint is "
-                    f"{out / 'latest'} (resume with --resume after lowering --lr)")
-            loss.backward()
-            loss_sum += loss.item()
-            tokens += x.numel()
+        loss_sum, tokens = accumulate_gradients(run, trained, batch)
+        if not math.isfinite(loss_sum):  # the same on every rank: the loss is summed over them
+            bar.close()
+            raise NonFiniteLoss(f"loss is {loss_sum} at step {step + 1}: stopped. The last good checkpoint is "
+                                f"{out / 'latest'} (resume with --resume after lowering --lr)")
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
@@ -323,14 +255,54 @@ def finetune(run: "Run", model) -> dict:
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                         tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         bar.update(1)
-        if step % cfg.eval_every == 0 or step == total:
+        if run.is_main and (step % cfg.eval_every == 0 or step == total):  # the others wait in the next step
             history["val_loss"].append((step, run.heldout_loss(model)))
             run.log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {history['val_loss'][-1][1]:.4f}")
-        if step % cfg.save_every == 0 or step == total:
+        if run.is_main and (step % cfg.save_every == 0 or step == total):
             save_training_checkpoint(out, step, model, optimizer, scheduler, {
                 "history": history, "rotation": run.record, "config": dataclasses.asdict(cfg)})
     bar.close()
     return history
+
+
+def accumulate_gradients(run: "Run", trained, batch: list) -> tuple[float, int]:
+    """Forward and backward of one optimizer step: this rank's share of the batch (all of it in one
+    process) in --grad-accum micro-batches. Returns (the step's loss, tokens this rank ran).
+
+    Each micro-batch's summed loss is divided by the target count of the whole step, not its own:
+    the step's gradient is then that of the mean over all its target tokens, however the batch is
+    split into micro-batches and ranks. DDP averages the ranks' gradients, hence * world: the sum."""
+    n_targets = max(1, sum(count_targets(ids, n_prompt) for ids, n_prompt in batch))
+    shard = batch[run.rank::run.world]
+    micro = max(1, math.ceil(len(shard) / run.cfg.grad_accum))
+    starts = list(range(0, len(shard), micro))
+    loss_sum, tokens = 0.0, 0
+    for i in starts:
+        x, y = make_batch(shard[i:i + micro], run.pad_id)
+        x, y = x.to(run.device), y.to(run.device)
+        # DDP all-reduces the gradients in the backward of the last micro-batch only
+        with nullcontext() if run.world == 1 or i == starts[-1] else trained.no_sync():
+            with run.autocast:
+                logits = trained(x)
+            loss = summed_token_loss(logits, y) * run.world / n_targets
+            loss.backward()
+        loss_sum += loss.item() / run.world
+        tokens += x.numel()
+    if run.world > 1:
+        import torch.distributed as dist
+        total = torch.tensor([loss_sum], dtype=torch.float64, device=run.device)  # NCCL: on the GPU
+        dist.all_reduce(total)
+        loss_sum = total.item()
+    return loss_sum, tokens
+
+
+def data_parallel(model):
+    """DDP over the adapters: each rank holds the whole (frozen) base; only the trainable
+    parameters are broadcast at the start and all-reduced in every backward."""
+    from torch.nn.parallel import DistributedDataParallel
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DistributedDataParallel(model)
 
 
 def enable_gradient_checkpointing(model):
@@ -363,7 +335,19 @@ class Run:
     wikitext: str = ""
     calibration: torch.Tensor | None = None                     # GPTQ windows (N, T) from the training data
     record: dict | None = None                                  # the rotation record, when rotated
+    rank: int = 0                                               # under torchrun: this process's rank
+    world: int = 1                                              # ... and how many processes train
     clock: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 evaluates and writes everything (checkpoints, exports, results); the others train."""
+        return self.rank == 0
+
+    def wait_for_main(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
 
     def log(self, msg: str):
         tqdm.write(msg)
@@ -380,11 +364,32 @@ class Run:
         return heldout_loss(model, self.val_set, self.pad_id, self.cfg.eval_batch_size, self.device, self.autocast)
 
 
+def start_data_parallel(device: str) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this starts the process group: NCCL on
+    CUDA, gloo on a CPU. Rank 0 may evaluate for hours while the others wait: a long timeout."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=12))
+    return dist.get_rank(), world
+
+
 @contextmanager
 def open_run(cfg: TrainConfig):
-    """The Run of a validated config: device and precision chosen, the output folder locked (one
-    run at a time may write it) and its log open."""
+    """The Run of a validated config: device and precision chosen, the processes of a torchrun
+    joined, the output folder locked (one run at a time may write it) and its log open (rank 0)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    rank, world = start_data_parallel(device)
+    if world > 1 and device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    if cfg.batch_size < world * cfg.grad_accum:
+        raise ValueError(f"--batch-size={cfg.batch_size}: fewer examples than the {world} processes x "
+                         f"{cfg.grad_accum} micro-batches (--grad-accum) of a step")
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
     # bf16 the same way on a CPU as on CUDA: base weights in bf16, matmuls under autocast, the
     # adapters' master weights (finetune_stage) and the quantizers' arithmetic (quant.py) in fp32
@@ -392,38 +397,24 @@ def open_run(cfg: TrainConfig):
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    with locked_output_folder(out), (out / "log.txt").open("a") as log_file:
-        yield Run(cfg, out, device, torch.bfloat16 if use_bf16 else torch.float32, autocast, log_file)
-
-
-@contextmanager
-def locked_output_folder(out: Path):
-    """Hold an exclusive lock on OUT/.lock while the run writes OUT: a second train.py on the same
-    --out (a --resume started too early, say) stops at once, naming the running one, instead of
-    both writing the same checkpoints. The operating system drops the lock if the holder dies."""
-    import fcntl
-    handle = (out / ".lock").open("a+")
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RuntimeError(f"--out {out}: a run is already writing this folder ({holder}); wait for it to "
-                           "finish, or choose another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
-    handle.flush()
-    try:
-        yield
+        if rank == 0:
+            with locked_output_folder(out), (out / "log.txt").open("a") as log_file:
+                yield Run(cfg, out, device, dtype, autocast, log_file, rank=rank, world=world)
+        else:
+            with open(os.devnull, "w") as log_file:
+                yield Run(cfg, out, device, dtype, autocast, log_file, rank=rank, world=world)
     finally:
-        handle.close()  # closing the file releases the lock
+        if world > 1:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: TrainConfig) -> dict | None:
     """RoLoRA (Huang et al. 2024, Figure 2): rotate, fine-tune LoRA on the rotated weights, merge,
-    quantize; the model is evaluated before and after, in full precision and quantized."""
+    quantize; the model is evaluated before and after, in full precision and quantized. Under
+    torchrun every rank trains on its share of each batch and rank 0 does the rest (None elsewhere)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     with open_run(cfg) as r:
@@ -431,10 +422,13 @@ def run(cfg: TrainConfig) -> dict:
         r.phase_done("load")
         rotate_stage(r, model)
         r.phase_done("rotate")
-        rows = evaluate_before(r, model)
+        rows = evaluate_before(r, model) if r.is_main else {}
+        r.wait_for_main()
         r.phase_done("evaluate_before")
         history = finetune_stage(r, model)
         r.phase_done("finetune")
+        if not r.is_main:  # under torchrun the other ranks only train
+            return None
         merge_stage(r, model)
         r.phase_done("merge")
         rows |= evaluate_after(r, model, rows)
