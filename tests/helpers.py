@@ -101,3 +101,9 @@ def train_a_few_steps(model, steps=4, lr=1e-2):
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def final_adapters(out):
+    """The adapters of a train.py run's last checkpoint (OUT/latest)."""
+    from safetensors.torch import load_file
+    return load_file(Path(out) / (Path(out) / "latest").read_text().strip() / "adapters.safetensors")

@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import train
 from data import checkpoints
-from helpers import ROOT, tiny_model
+from helpers import ROOT, final_adapters, tiny_model
 from data.options import option_names, replace_options
 
 
@@ -283,11 +282,6 @@ def test_a_crash_while_checkpointing_leaves_latest_complete(crash, tmp_path, mon
 # Slow: end to end on stories260K
 
 
-def _final_adapters(out):
-    latest = (out / "latest").read_text().strip()
-    return load_file(out / latest / "adapters.safetensors")
-
-
 def first_step_examples(cfg: train.TrainConfig, tok):
     examples = [train.tokenize_example(tok, e, cfg.seq_len) for e in train.load_examples(cfg.data, "train")]
     return train.batch_for_step(0, examples, cfg.batch_size, cfg.seed)
@@ -383,7 +377,7 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, stories, monkeypatch):
     accumulated = train.run(quick_config(tmp_path / "acc", grad_accum=4, **settings))
     assert sizes == [2] * 4 * 3  # the flag is not ignored: 4 forwards of 2 examples per step
     assert accumulated["history"]["train_loss"] == pytest.approx(one["history"]["train_loss"], rel=1e-5)
-    a, b = _final_adapters(tmp_path / "one" / "run"), _final_adapters(tmp_path / "acc" / "run")
+    a, b = final_adapters(tmp_path / "one" / "run"), final_adapters(tmp_path / "acc" / "run")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-4), key
 
@@ -476,7 +470,7 @@ def test_grad_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypat
     recomputed = train.run(quick_config(tmp_path / "ckpt", grad_checkpointing=True, **settings))
     assert calls["n"] == 3 * 5  # every block of every training forward (stories260K: 5 blocks)
     assert recomputed["history"]["train_loss"] == pytest.approx(plain["history"]["train_loss"], rel=1e-6)
-    a, b = _final_adapters(tmp_path / "plain" / "run"), _final_adapters(tmp_path / "ckpt" / "run")
+    a, b = final_adapters(tmp_path / "plain" / "run"), final_adapters(tmp_path / "ckpt" / "run")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
     # with --qat the model that trains is the quantized copy: that is the one that recomputes
@@ -505,7 +499,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stori
     monkeypatch.setattr(train, "batch_for_step", real_batch_for_step)
     resumed = train.run(quick_config(tmp_path / "b", dropout=0.1, resume=True))
 
-    a, b = _final_adapters(tmp_path / "a" / "run"), _final_adapters(tmp_path / "b" / "run")
+    a, b = final_adapters(tmp_path / "a" / "run"), final_adapters(tmp_path / "b" / "run")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bit-identical on CPU
@@ -533,7 +527,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         train.run(cfg)
     out = tmp_path / "run"
     assert (out / "latest").read_text().strip() == "ckpt-000006"
-    adapters = _final_adapters(out)
+    adapters = final_adapters(out)
     assert adapters and all(torch.isfinite(t).all() for t in adapters.values())
     # and the run can go on from there
     monkeypatch.setattr(train, "summed_token_loss", real_loss)
@@ -577,67 +571,6 @@ def test_activation_quantizer_computes_its_grid_in_float32_for_bf16_inputs():
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, quantizer(x.float()).to(torch.bfloat16))  # the fp32 grid, rounded once at the end
 
-
-# -----------------------------------------------------------------------------
-# torchrun: data-parallel fine-tuning on 2 CPU processes (gloo)
-
-DDP_FLAGS = ["--model", "stories260K", "--data", "tinystories", "--max-steps", "6", "--batch-size", "8",
-             "--seq-len", "64", "--lr", "1e-3", "--tasks=", "--ppl-windows", "1", "--ppl-seq-len", "64",
-             "--val-examples", "8", "--w-bits", "16", "--a-bits", "16", "--no-export", "--eval-every", "3",
-             "--save-every", "3", "--grad-accum", "2"]
-CRASH_AT_STEP_4 = """import sys
-sys.path.insert(0, {root!r})
-import train
-real = train.batch_for_step
-def crash(step, *args):
-    if step == 4:
-        raise KeyboardInterrupt("simulated interruption")
-    return real(step, *args)
-train.batch_for_step = crash
-train.run(train.parse_args(sys.argv[1:]))
-"""
-
-
-def launch(script, out, *flags, processes=1, check=True):
-    import subprocess
-    command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                                  if processes > 1 else []) + [str(script), *DDP_FLAGS, "--out", str(out), *flags]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=check,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-
-
-@pytest.mark.slow
-def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch(tmp_path, stories_dir):
-    launch(ROOT / "train.py", tmp_path / "one")
-    launch(ROOT / "train.py", tmp_path / "two", processes=2)
-    one, two = _final_adapters(tmp_path / "one"), _final_adapters(tmp_path / "two")
-    assert one.keys() == two.keys() and one
-    for key in one:  # each rank ran half of every step's examples; DDP summed their gradients
-        assert torch.allclose(one[key], two[key], rtol=0, atol=1e-5), key
-    assert max((one[k] - two[k]).abs().max() for k in one) > 0  # two processes really ran (float order)
-    history = lambda out: json.loads((out / "results.json").read_text())["history"]  # noqa: E731
-    assert history(tmp_path / "two")["train_loss"] == pytest.approx(history(tmp_path / "one")["train_loss"],
-                                                                    rel=1e-5)
-    # the gradients themselves, not only AdamW's scale-free steps: its moments equal too
-    moments = lambda out: load_file(out / (out / "latest").read_text().strip() / "optimizer.safetensors")  # noqa: E731
-    m_one, m_two = moments(tmp_path / "one"), moments(tmp_path / "two")
-    for key in m_one:
-        assert (m_one[key] - m_two[key]).abs().max() <= 1e-4 * m_one[key].abs().max(), key  # float order only
-    assert (tmp_path / "two" / "log.txt").read_text().count("trainable parameters") == 1  # rank 0 logs
-
-
-@pytest.mark.slow
-def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, stories_dir):
-    crashing = tmp_path / "crash_at_step_4.py"
-    crashing.write_text(CRASH_AT_STEP_4.format(root=str(ROOT)))
-    launch(ROOT / "train.py", tmp_path / "straight", processes=2)
-    failed = launch(crashing, tmp_path / "cut", processes=2, check=False)
-    assert failed.returncode != 0 and "simulated interruption" in failed.stderr
-    assert (tmp_path / "cut" / "latest").read_text().strip() == "ckpt-000003"
-    launch(ROOT / "train.py", tmp_path / "cut", "--resume", processes=2)
-    straight, resumed = _final_adapters(tmp_path / "straight"), _final_adapters(tmp_path / "cut")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
 
 
 def test_a_batch_smaller_than_the_processes_is_refused(monkeypatch, tmp_path):
