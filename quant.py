@@ -203,12 +203,20 @@ class WeightOnGrid(NamedTuple):
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp_ratio: float) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damp I)^-1, float32: its row i says how quantizing column i
-    moves the columns after it. Dampening (a share of the mean diagonal) keeps H invertible;
-    cholesky_solve rather than cholesky_inverse, which is pathologically slow on a busy CPU."""
-    H = H + damp_ratio * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    H_inv = torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype, device=H.device), torch.linalg.cholesky(H))
-    return torch.linalg.cholesky(H_inv, upper=True).float()
+    """The upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), float32: its row i says how
+    quantizing column i moves the columns after it. Dampening (a share of the mean diagonal) keeps
+    H invertible.
+
+    H^-1 is never formed. With J the order-reversing permutation, Cholesky of the flipped matrix
+    J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper triangular; so H^-1 = U^T U with
+    U = (J L J)^-1 = J L^-1 J, upper triangular with a positive diagonal: the factor (it is unique).
+    One Cholesky and one triangular solve instead of a Cholesky, an inverse and a second Cholesky:
+    several times faster, which is what lets GPTQ run on LLaMA-2-7B's 11008-wide down_proj on a
+    CPU (tests/test_recipe.py)."""
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    L = torch.linalg.cholesky((H + damp_ratio * H.diagonal().mean() * eye).flip(0, 1))
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).float()
 
 
 @torch.no_grad()

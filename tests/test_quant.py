@@ -218,6 +218,21 @@ def test_hessian_accumulator_is_2_over_n_sum_xxT_across_batches():
     assert torch.allclose(acc.hessian(), 2 * flat.T @ flat / 30, atol=1e-12)
 
 
+@pytest.mark.parametrize("damp", [0.01, 0.1])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(damp):
+    """GPTQ's factor computed without forming H^-1 (Cholesky of the flipped H) equals the textbook
+    one, cholesky(inverse(H + damp mean(diag H) I), upper): a rank-deficient H, as from few tokens."""
+    from quant import inverse_hessian_factor
+    x = torch.randn(20, 48, dtype=torch.float64) * torch.linspace(0.1, 3.0, 48, dtype=torch.float64)
+    H = 2 * x.T @ x / 20  # rank 20 < 48: the dampening makes it invertible
+    damped = H + damp * H.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    U = inverse_hessian_factor(H, damp)
+    assert U.dtype == torch.float32 and torch.equal(U, U.triu())
+    assert torch.allclose(U.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+    assert torch.allclose(U.double().T @ U.double() @ damped, torch.eye(48, dtype=torch.float64), atol=1e-4)
+
+
 @pytest.mark.parametrize("clip_search", [False, True])
 def test_gptq_with_a_diagonal_hessian_is_round_to_nearest(clip_search):
     """No correlation between inputs: nothing to compensate, so GPTQ must reduce to RTN,
