@@ -75,6 +75,9 @@ class TrainConfig:
                         "autocast, fp32 adapters and quantizer arithmetic, on CPU as on CUDA)",
                         choices=("auto", "float32", "bfloat16"))
     grad_checkpointing: bool = option(False, "recompute block activations in the backward pass (saves memory)")
+    fsdp: bool = option(False, "under torchrun: shard the frozen base over the processes for fine-tuning "
+                        "(FSDP2 fully_shard, one unit per block) instead of a whole copy on each; the adapters "
+                        "stay replicated under DDP")
     device: str = option("auto", "auto, cpu or cuda[:N]")
     # checkpoints
     eval_every: int = option(20, "held-out loss every N steps", at_least=1)
@@ -236,6 +239,7 @@ def finetune(run: "Run", model) -> dict:
         step, history = meta["step"], meta["history"]
         run.log(f"resumed from {out / 'latest'} at step {step}")
     trained = data_parallel(model) if run.world > 1 else model
+    sharded = run.world > 1 and cfg.fsdp  # then a forward needs every rank: all compute the held-out loss
     bar = tqdm(total=total, initial=step, desc="fine-tune", dynamic_ncols=True, disable=not run.is_main)
     while step < total:
         model.train()
@@ -255,8 +259,10 @@ def finetune(run: "Run", model) -> dict:
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
                         tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         bar.update(1)
-        if run.is_main and (step % cfg.eval_every == 0 or step == total):  # the others wait in the next step
-            history["val_loss"].append((step, run.heldout_loss(model)))
+        if (run.is_main or sharded) and (step % cfg.eval_every == 0 or step == total):  # the others wait
+            history["val_loss"].append((step, run.heldout_loss(model)))  # in the next step
+            if sharded:  # a no-grad forward leaves the root's weights gathered; rank 0's state_dict()
+                model.reshard()  # alone would reshard them, and the ranks' next forwards would differ
             run.log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {history['val_loss'][-1][1]:.4f}")
         if run.is_main and (step % cfg.save_every == 0 or step == total):
             save_training_checkpoint(out, step, model, optimizer, scheduler, {
@@ -305,6 +311,24 @@ def data_parallel(model):
     return DistributedDataParallel(model)
 
 
+def shard_frozen_base(model, device: str):
+    """FSDP2 over the frozen base: each block (and the embedding, final norm and lm_head) keeps 1/N of
+    its weights on this rank and gathers the rest for its forward and backward only. The adapters
+    are left out of the shards (ignored_params): small, replicated, and all-reduced by DDP as without
+    FSDP, so the optimizer, the checkpoints and --resume see ordinary tensors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    import torch.distributed as dist
+    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
+    adapters = {p for p in model.parameters() if p.requires_grad}
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, ignored_params=adapters)
+    fully_shard(model, mesh=mesh, ignored_params=adapters)  # the rest: embedding, final norm, lm_head
+    for p in adapters:  # fully_shard moves what it shards to the mesh's device, not what it ignores
+        p.data = p.data.to(device)
+    return model
+
+
 def enable_gradient_checkpointing(model):
     """Recompute each block's activations during backward instead of storing them."""
     from functools import partial
@@ -350,6 +374,8 @@ class Run:
             dist.barrier()
 
     def log(self, msg: str):
+        if not self.is_main:  # under torchrun one process speaks
+            return
         tqdm.write(msg)
         self.log_file.write(msg + "\n")
         self.log_file.flush()
@@ -387,6 +413,9 @@ def open_run(cfg: TrainConfig):
     if world > 1 and device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp: shards the base over several processes; start them with "
+                         "torchrun --nproc_per_node N train.py ...")
     if cfg.batch_size < world * cfg.grad_accum:
         raise ValueError(f"--batch-size={cfg.batch_size}: fewer examples than the {world} processes x "
                          f"{cfg.grad_accum} micro-batches (--grad-accum) of a step")
@@ -496,7 +525,10 @@ def finetune_stage(r: Run, model) -> dict:
     they train on a fake-quantized copy (straight-through estimator) and then move onto `model`,
     whose adapters merge_stage merges."""
     cfg = r.cfg
-    trained = quantized_copy(r, model) if cfg.qat else model
+    sharded = cfg.fsdp and r.world > 1
+    if sharded and r.device.startswith("cuda"):
+        model.to("cpu")  # the whole model waits in CPU memory; its sharded copy goes to the GPUs
+    trained = quantized_copy(r, model) if cfg.qat else copy.deepcopy(model) if sharded else model
     torch.manual_seed(cfg.seed)  # the adapter init depends on the seed only
     cfg.lora.add_to(trained)
     lora.mark_only_lora_trainable(trained)
@@ -505,12 +537,16 @@ def finetune_stage(r: Run, model) -> dict:
             p.data = p.data.float()  # fp32 master weights for the adapters, even under bf16
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(trained)
+    if sharded:
+        shard_frozen_base(trained, r.device)
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
-    r.log(f"{cfg.lora.variant} on {cfg.lora.targets}: {n_train / 1e6:.3f}M trainable parameters")
+    r.log(f"{cfg.lora.variant} on {cfg.lora.targets}: {n_train / 1e6:.3f}M trainable parameters"
+          + (f"; the base sharded over {r.world} processes (FSDP2)" if sharded else ""))
     history = finetune(r, trained)
-    if cfg.qat:  # the same adapters, now on the full-precision weights
+    if trained is not model:  # the same adapters, now on the whole full-precision model
         cfg.lora.add_to(model)
         lora.load_lora_state_dict(model, lora.lora_state_dict(trained))
+        model.to(r.device)
     return history
 
 

@@ -1,5 +1,6 @@
 """Data-parallel fine-tuning under torchrun (train.py): 2 CPU processes on gloo train the adapters of
-one process with the same global batch, and an interrupted 2-process run resumes bit for bit.
+one process with the same global batch, and an interrupted 2-process run resumes bit for bit; both
+with the whole base on each process (DDP) and with it sharded over them (--fsdp, FSDP2).
 Slow: stories260K from the mirror, and each run starts two Python processes.
 
 Run: python -m pytest tests/test_data_parallel.py -q
@@ -42,9 +43,12 @@ def launch(script, out, *flags, processes=1, check=True):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
-def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch(tmp_path, stories_dir):
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
+def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch(tmp_path, stories_dir, sharding):
+    """DDP: each process holds the whole base; --fsdp: each holds half of every block (FSDP2)."""
     launch(ROOT / "train.py", tmp_path / "one")
-    launch(ROOT / "train.py", tmp_path / "two", processes=2)
+    two = launch(ROOT / "train.py", tmp_path / "two", *sharding, processes=2)
+    assert ("sharded over 2 processes (FSDP2)" in two.stdout + two.stderr) == bool(sharding)
     one, two = final_adapters(tmp_path / "one"), final_adapters(tmp_path / "two")
     assert one.keys() == two.keys() and one
     for key in one:  # each rank ran half of every step's examples; DDP summed their gradients
@@ -61,14 +65,15 @@ def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch(tmp_
     assert (tmp_path / "two" / "log.txt").read_text().count("trainable parameters") == 1  # rank 0 logs
 
 
-def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, stories_dir):
+@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
+def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, stories_dir, sharding):
     crashing = tmp_path / "crash_at_step_4.py"
     crashing.write_text(CRASH_AT_STEP_4.format(root=str(ROOT)))
-    launch(ROOT / "train.py", tmp_path / "straight", processes=2)
-    failed = launch(crashing, tmp_path / "cut", processes=2, check=False)
+    launch(ROOT / "train.py", tmp_path / "straight", *sharding, processes=2)
+    failed = launch(crashing, tmp_path / "cut", *sharding, processes=2, check=False)
     assert failed.returncode != 0 and "simulated interruption" in failed.stderr
     assert (tmp_path / "cut" / "latest").read_text().strip() == "ckpt-000003"
-    launch(ROOT / "train.py", tmp_path / "cut", "--resume", processes=2)
+    launch(ROOT / "train.py", tmp_path / "cut", "--resume", *sharding, processes=2)
     straight, resumed = final_adapters(tmp_path / "straight"), final_adapters(tmp_path / "cut")
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key

@@ -578,3 +578,9 @@ def test_a_batch_smaller_than_the_processes_is_refused(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="--batch-size=2: fewer examples than the 4 processes"):
         with train.open_run(quick_config(tmp_path, batch_size=2)):
             pass
+
+
+def test_fsdp_in_one_process_is_refused_naming_torchrun(tmp_path):
+    with pytest.raises(ValueError, match="--fsdp: .*torchrun --nproc_per_node"):
+        with train.open_run(quick_config(tmp_path, fsdp=True)):
+            pass
