@@ -30,6 +30,15 @@ SHAPES = {
     "llama2-7b": ModelConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                              num_attention_heads=32, num_key_value_heads=32, head_dim=128, vocab_size=32000,
                              max_position_embeddings=4096),
+    "llama2-13b": ModelConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                              num_attention_heads=40, num_key_value_heads=40, head_dim=128, vocab_size=32000,
+                              max_position_embeddings=4096),
+    # LLaMA-3-8B's shapes with LLaMA-3.1's rope scaling (positions only: no size or FLOP changes)
+    "llama3-8b": ModelConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                             rope_theta=500000.0, max_position_embeddings=131072,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
 }
 
 
