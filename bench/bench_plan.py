@@ -14,7 +14,7 @@ saved for backward (saved_tensors_hooks, each storage once, parameters left out:
 the FLOPs (FlopCounterMode) and the parameter bytes, each printed next to its formula. What a CPU step
 cannot show (the loss's transient buffers, GPTQ's Hessians, a GPU's speed) is counted from the code.
 
-    python bench/bench_plan.py                  # the three models: ~10 min on 2 busy CPU threads, 10.5 GB
+    python bench/bench_plan.py                  # the three models: ~7-10 min on 2 busy CPU threads, 10.5 GB
     python bench/bench_plan.py --models llama2-7b --mfu 0.5 --peak-tflops 989
 """
 import dataclasses
