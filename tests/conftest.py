@@ -17,6 +17,21 @@ if "ROLORA_MIRROR" not in os.environ and DEFAULT_MIRROR.is_dir():
     os.environ["ROLORA_MIRROR"] = str(DEFAULT_MIRROR)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-recipe", action="store_true",
+                     help="also run the README GPU recipe at 7B / 8B width (tests/test_recipe.py): "
+                          "tens of minutes on a 2-core CPU, too long for the 10-minute suite")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-recipe"):
+        return
+    skip = pytest.mark.skip(reason="GPTQ at 7B width takes minutes per block on this CPU: run with --run-recipe")
+    for item in items:
+        if "recipe" in item.keywords:
+            item.add_marker(skip)
+
+
 def _prepared(name: str) -> Path:
     target = ROOT / "data" / "models" / name
     ready = (target / "config.json").is_file() and (target / "model.safetensors").is_file()
