@@ -467,6 +467,9 @@ class EvalConfig:
         if self.rotate and (Path(self.model) / "rotation.json").is_file():
             raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
                              "it loads with its rotation, drop --rotate")
+        if self.rotation.kind == "learned":
+            raise ValueError("--rotation learned: eval.py draws the seed's Hadamards only; learn a rotation with "
+                             "train.py --rotate --rotation learned and evaluate its OUT/merged")
         if self.calibration and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration}: no such file")
         if self.calibration and self.quant.w_method == "gptq" and self.quant.w_bits < 16:
@@ -488,7 +491,7 @@ def load_and_quantize(cfg: EvalConfig):
     """Load the checkpoint, then rotate and quantize it as the flags ask."""
     model, tokenizer, model_dir = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
     if cfg.rotate:
-        rotate.rotate_model(model, seed=cfg.seed, **dataclasses.asdict(cfg.rotation))
+        rotate.rotate_model(model, seed=cfg.seed, **cfg.rotation.layout())
     if cfg.quant.quantizes:
         calibration = None
         if cfg.quant.w_method == "gptq" and cfg.quant.w_bits < 16:

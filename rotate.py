@@ -8,31 +8,41 @@ Hadamard before down_proj (R4) does the same for the SwiGLU output, an optional 
 Hadamard between v_proj and o_proj (R2) for the attention values, and an optional online one on
 queries and keys (R3) for the keys the KV cache stores.
 
+R1 and R2 may also be learned instead of drawn (SpinQuant): `learn_rotation` starts from the
+Hadamards and takes Cayley SGD steps on the orthogonal group that lower the quantized model's
+loss on calibration text; `rotate_model(..., learned=...)` folds the result in exactly as it
+folds a Hadamard (train.py --rotation learned).
+
 The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, R3, `rotate_model` (a
 rotated model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard
 matrix and its fast Walsh-Hadamard transform; 3. `activation_stats`, which measures the outliers
-before and after; 4. how the Hadamard matrices are built, from Sylvester's and Paley's
-constructions (any n = K * 2^m they reach, else a reported random orthogonal fallback): read it
-last, or never.
+before and after; 4. learned R1 and R2: `cayley_step`, `learn_rotation`; 5. how the Hadamard
+matrices are built, from Sylvester's and Paley's constructions (any n = K * 2^m they reach, else
+a reported random orthogonal fallback): read it last, or never.
 
     python rotate.py --model smollm2-135m-instruct          # outlier table, original vs rotated
     python rotate.py --sizes 576,1536,11008,29568           # which Hadamard each size gets
 """
-import dataclasses
+import copy
 import functools
+import hashlib
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from data.wikitext2.prepare import load_test_text
 from data.models import load_model
 from data.options import option, option_group, parse_config
 from model import BLOCK_INPUTS, RESIDUAL_WRITERS
+from quant import QuantConfig, quantize_model  # a learned rotation is learned under the quantizers
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches
@@ -71,22 +81,56 @@ def fuse_rmsnorm_into_linears(model):
     fuse(model.norm, [model.lm_head])
 
 
-def rotate_residual_stream(model, seed: int):
-    """R1: the residual stream x -> x Q, Q = random_hadamard(hidden, seed) = M diag(s).
-
-    Embedding rows and readers' rows live in the residual space: W <- W Q = (W M) diag(s).
-    Writers produce it: W <- Q^T W = diag(s) M^T W. Both via the fast transform (x @ M)."""
-    s = random_signs(model.config.hidden_size, seed).to(model.embed_tokens.weight.device)
-    times_Q = lambda W: walsh_hadamard_transform(W, transpose=True) * s            # W @ Q
-    Q_T_times = lambda W: walsh_hadamard_transform(W.T, transpose=True).T * s[:, None]  # Q^T @ W
+def residual_stream_sites(config) -> list[tuple[str, str]]:
+    """(weight name, side) of every weight R1 changes: "reads" W <- W Q for the embedding and the
+    readers of the residual stream (q, k, v, gate, up, lm_head: their rows live in its space),
+    "writes" W <- Q^T W for o_proj and down_proj (their outputs are added to it)."""
     readers = [path for shared in BLOCK_INPUTS if shared.reads_residual for path in shared.linears]
-    _rewrite(model.embed_tokens.weight, times_Q)
-    for layer in model.layers:
-        for path in readers:
-            _rewrite(layer.get_submodule(path).weight, times_Q)
-        for path in RESIDUAL_WRITERS:
-            _rewrite(layer.get_submodule(path).weight, Q_T_times)
-    _rewrite(model.lm_head.weight, times_Q)
+    sites = [("embed_tokens.weight", "reads")]
+    for i in range(config.num_hidden_layers):
+        sites += [(f"layers.{i}.{path}.weight", "reads") for path in readers]
+        sites += [(f"layers.{i}.{path}.weight", "writes") for path in RESIDUAL_WRITERS]
+    return sites + [("lm_head.weight", "reads")]
+
+
+def value_sites(config) -> list[tuple[int, str, str]]:
+    """(layer, weight name, side) of every weight R2 changes: "values" for v_proj (each KV head's
+    rows), "heads" for o_proj (each query head's columns)."""
+    return [(i, f"layers.{i}.self_attn.{name}.weight", side) for i in range(config.num_hidden_layers)
+            for name, side in (("v_proj", "values"), ("o_proj", "heads"))]
+
+
+def rotate_weight(W: torch.Tensor, side: str, R: torch.Tensor, head_dim: int | None = None) -> torch.Tensor:
+    """W rotated by a dense orthogonal R, differentiably: how a learned R1 or R2 is folded, and the
+    learning's forward (section 4). R1 (hidden): "reads" W R, "writes" R^T W. R2 (head_dim), the
+    value v -> v R of every head: "values" W_h <- R^T W_h on each KV head's rows of v_proj,
+    "heads" W[:, h] <- W[:, h] R on each query head's columns of o_proj, so (v R) (W_h R)^T = v W_h^T."""
+    if side == "reads":
+        return W @ R
+    if side == "writes":
+        return R.T @ W
+    if side == "values":
+        return (R.T @ W.view(-1, head_dim, W.shape[1])).reshape(W.shape)  # (n_kv, hd, d)
+    if side == "heads":
+        return (W.view(W.shape[0], -1, head_dim) @ R).reshape(W.shape)   # (d, nh, hd)
+    raise ValueError(f"rotate_weight: side must be reads, writes, values or heads, got {side!r}")
+
+
+def rotate_residual_stream(model, seed: int, r1: torch.Tensor | None = None):
+    """R1: the residual stream x -> x Q, Q = random_hadamard(hidden, seed) = M diag(s), or a given
+    orthogonal r1 (a learned one, applied by dense float64 products).
+
+    Readers: W <- W Q = (W M) diag(s). Writers: W <- Q^T W = diag(s) M^T W. Both via the fast
+    transform (x @ M)."""
+    if r1 is None:
+        s = random_signs(model.config.hidden_size, seed).to(model.embed_tokens.weight.device)
+        rotate = {"reads": lambda W: walsh_hadamard_transform(W, transpose=True) * s,              # W @ Q
+                  "writes": lambda W: walsh_hadamard_transform(W.T, transpose=True).T * s[:, None]}  # Q^T @ W
+    else:
+        r1 = r1.to(dtype=torch.float64, device=model.embed_tokens.weight.device)
+        rotate = {side: functools.partial(rotate_weight, side=side, R=r1) for side in ("reads", "writes")}
+    for name, side in residual_stream_sites(model.config):
+        _rewrite(model.get_parameter(name), rotate[side])
 
 
 def add_online_down_proj_hadamard(model):
@@ -108,20 +152,23 @@ def add_online_hadamards(model, r4: bool, r3: bool):
             layer.self_attn.key_transform = OnlineHadamard(model.config.head_dim)
 
 
-def rotate_values_per_head(model):
+def rotate_values_per_head(model, r2: torch.Tensor | None = None):
     """R2: value head v_h -> P v_h (v_proj's rows), o_proj's columns of each query head -> W_o[:, h] P^T.
     Attention mixes a head's values across tokens only, which commutes with P. One P (the
     orthonormal Hadamard of head_dim) for all heads: under GQA every query head undoes exactly the
-    rotation of the KV head it reads."""
+    rotation of the KV head it reads. A given r2 (layers, head_dim, head_dim) (learned) gives each
+    layer its own P^T = r2[layer] instead, applied by rotate_weight."""
     n_kv, hd = model.config.num_key_value_heads, model.config.head_dim
     n_heads = model.config.num_attention_heads
-    for layer in model.layers:
-        attn = layer.self_attn
-        # (P W_h)^T = W_h^T P^T: transform W_h^T's rows. (n_kv * hd, d) -> (n_kv, d, hd)
-        _rewrite(attn.v_proj.weight, lambda W: walsh_hadamard_transform(
-            W.view(n_kv, hd, -1).transpose(1, 2)).transpose(1, 2).reshape(n_kv * hd, -1))
-        _rewrite(attn.o_proj.weight, lambda W: walsh_hadamard_transform(
-            W.view(-1, n_heads, hd)).reshape(W.shape))  # (d, nh, hd): columns of each head
+    hadamard = {  # (P W_h)^T = W_h^T P^T: transform W_h^T's rows. (n_kv * hd, d) -> (n_kv, d, hd)
+        "values": lambda W: walsh_hadamard_transform(
+            W.view(n_kv, hd, -1).transpose(1, 2)).transpose(1, 2).reshape(n_kv * hd, -1),
+        "heads": lambda W: walsh_hadamard_transform(W.view(-1, n_heads, hd)).reshape(W.shape)}  # (d, nh, hd)
+    for layer, name, side in value_sites(model.config):
+        rotate = hadamard[side] if r2 is None else functools.partial(
+            rotate_weight, side=side, R=r2[layer].to(model.embed_tokens.weight.device, torch.float64),
+            head_dim=hd)
+        _rewrite(model.get_parameter(name), rotate)
 
 
 def add_online_qk_hadamards(model):
@@ -134,30 +181,55 @@ def add_online_qk_hadamards(model):
 
 @dataclass
 class RotationConfig:
-    """The rotations besides R1; train.py, eval.py and rotate.py take each as a flag."""
+    """Which rotations, and how R1 (and R2) are chosen; train.py, eval.py and rotate.py take each as
+    a flag (only train.py learns rotations: it has the calibration text)."""
     online_down_proj: bool = option(True, "R4: online Hadamard on the down_proj input")
     rotate_ov: bool = option(False, "R2: per-head Hadamard on the values, folded into v_proj and o_proj")
     rotate_qk: bool = option(False, "R3: online per-head Hadamard on queries and keys after rotary "
                              "(rotates the K cache, for a quantized KV cache)")
+    kind: str = option("random", "R1 (and R2 with --rotate-ov): random, the seeded random-sign Hadamard; or "
+                       "learned, Cayley SGD from it on the quantized model's calibration loss (SpinQuant)",
+                       choices=("random", "learned"), aliases=("--rotation",))
+    learn_steps: int = option(20, "with --rotation learned: Cayley SGD steps (SpinQuant: 100)", at_least=0)
+    learn_lr: float = option(0.05, "with --rotation learned: Cayley SGD step size, cosine-decayed; a step turns R1 "
+                             "by about lr x grad (the progress bar's grad)", at_least=0.0)
+    learn_windows: int = option(32, "with --rotation learned: calibration windows from the training data "
+                                "(SpinQuant: 800)", at_least=1)
+    learn_seq_len: int = option(512, "with --rotation learned: tokens per calibration window (SpinQuant: 2048)",
+                                at_least=2)
+    learn_batch_size: int = option(2, "with --rotation learned: windows per step (SpinQuant: 8)", at_least=1)
+
+    def layout(self) -> dict:
+        """rotate_model's options: which rotations there are (not how R1 and R2 are chosen)."""
+        return dict(online_down_proj=self.online_down_proj, rotate_ov=self.rotate_ov, rotate_qk=self.rotate_qk)
+
+
+def _check_plain(model, who: str):
+    transforms = [m for layer in model.layers for m in (layer.mlp.down_input_transform,
+                  layer.self_attn.query_transform, layer.self_attn.key_transform)]
+    if getattr(model, "rotation", None) is not None or any(not isinstance(m, nn.Identity) for m in transforms):
+        raise ValueError(f"{who}: this model is already rotated (or has a down_proj input or a query/key "
+                         "transform); rotate a plain model")
 
 
 @torch.no_grad()
 def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov: bool = False,
-                 rotate_qk: bool = False) -> dict:
-    """Rotate a plain model in place; returns the record (also kept as model.rotation)."""
-    transforms = [m for layer in model.layers for m in (layer.mlp.down_input_transform,
-                  layer.self_attn.query_transform, layer.self_attn.key_transform)]
-    if getattr(model, "rotation", None) is not None or any(not isinstance(m, nn.Identity) for m in transforms):
-        raise ValueError("rotate_model: this model is already rotated (or has a down_proj input or a query/key "
-                         "transform); rotate a plain model")
+                 rotate_qk: bool = False, learned: "LearnedRotation | None" = None) -> dict:
+    """Rotate a plain model in place; returns the record (also kept as model.rotation).
+
+    learned (learn_rotation's result): its R1, and its R2 if it has one, instead of the seed's
+    Hadamards; it is kept as model.learned_rotation, which data/models/rotated.py saves beside the record."""
+    _check_plain(model, "rotate_model")
     cfg = model.config
+    if learned is not None:
+        learned.check_fits(cfg, rotate_ov)
     untie_lm_head(model)
     fuse_rmsnorm_into_linears(model)
-    rotate_residual_stream(model, seed)
+    rotate_residual_stream(model, seed, learned.r1 if learned is not None else None)
     if online_down_proj:
         add_online_down_proj_hadamard(model)
     if rotate_ov:
-        rotate_values_per_head(model)
+        rotate_values_per_head(model, learned.r2 if learned is not None else None)
     if rotate_qk:
         add_online_qk_hadamards(model)
     used = [(cfg.hidden_size, "R1 residual")]
@@ -166,10 +238,15 @@ def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov:
     used += [(cfg.head_dim, "R3 per-head queries and keys")] if rotate_qk else []
     fallbacks = [{"size": n, "used_for": what, "transform": hadamard_plan(n).describe()}
                  for n, what in used if not hadamard_plan(n).exact]
-    model.rotation = {"seed": seed, "r1": "random_hadamard", "r4": online_down_proj, "r2": rotate_ov,
+    model.rotation = {"seed": seed, "r1": "random_hadamard" if learned is None else "learned",
+                      "r4": online_down_proj, "r2": rotate_ov,
                       "r3": rotate_qk, "fallbacks": fallbacks, "hidden_size": cfg.hidden_size,
                       "intermediate_size": cfg.intermediate_size, "head_dim": cfg.head_dim,
                       "transforms": {what: hadamard_plan(n).describe() for n, what in used}}
+    if learned is not None:  # the matrices themselves go to LEARNED_ROTATION_FILE; the record names it
+        model.rotation["learned"] = {"file": LEARNED_ROTATION_FILE, "sha256": learned.digest(),
+                                     "r2": learned.r2 is not None, **learned.info}
+        model.learned_rotation = learned
     return model.rotation
 
 
@@ -382,7 +459,149 @@ def plot_outliers(before: dict, after: dict, path: Path, n_tokens: int):
 
 
 # -----------------------------------------------------------------------------
-# 4. Hadamard matrices: H H^T = n I with entries +-1, built, never stored.
+# 4. Learned rotations (SpinQuant, arXiv 2405.16406): R1 and R2 trained on the orthogonal group.
+#
+# Every orthogonal R1 leaves the full-precision function unchanged, but not the quantized one, and
+# some spread the outliers better than others. (A Hadamard's random signs are no such choice: a
+# symmetric grid rounds -x to -Q(x), so the signs change the quantized model only where values
+# clip at the grid's unequal ends [-8, 7]; tests/test_rotate.py.) SpinQuant starts from the
+# random Hadamard and follows the gradient of the quantized model's next-token loss on
+# calibration text with respect to R1 (and each layer's R2), every weight frozen. The quantizers
+# are those that will follow: activations (and KV) fake-quantized, their gradient passed by the
+# straight-through estimator; weights rounded by RTN when RTN follows, but kept at 16 bits when
+# GPTQ follows (GPTQ compensates its own rounding, so a rotation tuned to RTN's errors would be
+# tuned to the wrong ones). The rotated weights are computed from the frozen ones at every step
+# (W R1, R1^T W, ...: rotate_weight, the same function that folds the result), so the model
+# never changes while R1 does. Each step is a Cayley retraction, which keeps R exactly
+# orthogonal, so the learned matrices fold in as the Hadamards do:
+# rotate_model(..., learned=learn_rotation(...)).
+
+LEARNED_ROTATION_FILE = "rotation.safetensors"  # beside rotation.json (data/models/rotated.py)
+
+
+@dataclass
+class LearnedRotation:
+    r1: torch.Tensor          # (hidden, hidden) float64, orthogonal
+    r2: torch.Tensor | None   # (layers, head_dim, head_dim) float64, one for all heads of a layer; or None
+    info: dict                # how it was learned (JSON): steps, lr, windows, loss per step, seconds
+
+    def digest(self) -> str:
+        """sha256 of the matrices' float64 bytes: the record names the exact matrices it was made with."""
+        h = hashlib.sha256(self.r1.double().contiguous().numpy().tobytes())
+        if self.r2 is not None:
+            h.update(self.r2.double().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def check_fits(self, config, rotate_ov: bool):
+        shapes = [(self.r1, (config.hidden_size,) * 2, "r1")]
+        if self.r2 is not None:
+            shapes.append((self.r2, (config.num_hidden_layers, config.head_dim, config.head_dim), "r2"))
+            if not rotate_ov:
+                raise ValueError("rotate_model: the learned rotation has an R2; rotate with rotate_ov=True")
+        for tensor, shape, name in shapes:
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"rotate_model: learned {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model needs {shape}")
+
+
+def orthogonality_error(R: torch.Tensor) -> float:
+    """max |R R^T - I| (over a batch (..., n, n) too)."""
+    return (R @ R.mT - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).abs().max().item()
+
+
+def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
+    """One step of Cayley SGD on the orthogonal group (Li et al. 2020, as SpinQuant), R and the
+    Euclidean gradient G (..., n, n). A = G R^T - R G^T is skew, and A R is G projected onto the
+    group's tangent space at R (the Riemannian gradient). The Cayley transform of a skew matrix,
+    (I + lr/2 A)^-1 (I - lr/2 A), is orthogonal, so R stays orthogonal for any lr up to float
+    rounding, and to first order the step is R - lr A R: steepest descent along the group."""
+    A = G @ R.mT - R @ G.mT
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return torch.linalg.solve(eye + lr / 2 * A, (eye - lr / 2 * A) @ R)
+
+
+def _quantized_without_r1(model, quant: QuantConfig, online_down_proj: bool, rotate_qk: bool):
+    """A float32 copy with the norms folded, R4 and R3 in place (they do not depend on R1 or R2) and
+    the quantizers that will follow: activations (and KV) as configured, weights by RTN at every
+    forward when RTN follows (a plain min-max grid: the MSE clip search would make 80 passes over
+    every weight at every step), 16-bit when GPTQ follows. Every weight frozen."""
+    work = copy.deepcopy(model).float()
+    untie_lm_head(work)
+    fuse_rmsnorm_into_linears(work)
+    if online_down_proj:
+        add_online_down_proj_hadamard(work)
+    if rotate_qk:
+        add_online_qk_hadamards(work)
+    rtn = quant.w_method == "rtn" and quant.w_bits < 16
+    quantize_model(work, quant, w_bits=quant.w_bits if rtn else 16, w_method="rtn", w_clip_search=False,
+                   quantize_weight_every_forward=rtn, progress=False)
+    return work.requires_grad_(False).eval()
+
+
+def rotated_weights(frozen: dict, config, r1: torch.Tensor, r2: torch.Tensor | None) -> dict:
+    """{name: rotated weight} for every weight R1 (and R2) change, differentiable in r1 and r2."""
+    dtype = frozen["embed_tokens.weight"].dtype
+    weights = {name: rotate_weight(frozen[name], side, r1.to(dtype))
+               for name, side in residual_stream_sites(config)}
+    for layer, name, side in value_sites(config) if r2 is not None else ():  # v_proj, o_proj: after R1
+        weights[name] = rotate_weight(weights[name], side, r2[layer].to(dtype), config.head_dim)
+    return weights
+
+
+def learn_rotation(model, calibration: torch.Tensor, quant: QuantConfig, steps: int = 20, lr: float = 0.05,
+                   seed: int = 0, learn_r2: bool = False, online_down_proj: bool = True, rotate_qk: bool = False,
+                   batch_size: int = 2, progress: bool = True) -> LearnedRotation:
+    """R1 (and with learn_r2 one R2 per layer), learned from the seed's Hadamards by `steps` Cayley
+    SGD steps (step size lr, cosine-decayed to 0) on the quantized model's mean next-token loss
+    over `batch_size` windows of `calibration` (N, T) per step (training text, never the
+    evaluation text). `model` is a plain model and is not changed; rotate it with
+    rotate_model(..., rotate_ov=learn_r2, learned=...)."""
+    _check_plain(model, "learn_rotation")
+    start = time.perf_counter()
+    work = _quantized_without_r1(model, quant, online_down_proj, rotate_qk)
+    cfg, device = work.config, work.embed_tokens.weight.device
+    frozen = {name: p for name, p in work.named_parameters()}
+    # float64 master copies: thousands of Cayley steps would not move them off the group either
+    r1 = random_hadamard(cfg.hidden_size, seed).to(device)
+    # R2's start is rotate_values_per_head's Hadamard: v -> v M^T for every head of every layer
+    r2 = hadamard_transform_matrix(cfg.head_dim).T.to(device).repeat(cfg.num_hidden_layers, 1, 1) \
+        if learn_r2 else None
+    calibration = calibration.to(device)
+    losses, sizes = [], []  # per step: the loss, |A| of R1
+    bar = tqdm(range(steps), desc="learn rotation", dynamic_ncols=True, disable=not progress)
+    for step in bar:
+        rows = [(step * batch_size + j) % len(calibration) for j in range(batch_size)]  # cycle the windows
+        batch = calibration[rows]
+        leaves = [r.clone().requires_grad_() for r in (r1, r2) if r is not None]
+        weights = rotated_weights(frozen, cfg, leaves[0], leaves[1] if learn_r2 else None)
+        logits = torch.func.functional_call(work, weights, (batch[:, :-1],))  # the model with these weights
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        loss.backward()
+        step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine decay, as SpinQuant's schedule
+        with torch.no_grad():
+            G1 = leaves[0].grad
+            # the step turns R1 by about step_lr * |A| (Frobenius): what --learn-lr is to be chosen by
+            sizes.append((G1 @ r1.T - r1 @ G1.T).norm().item())
+            r1 = cayley_step(r1, G1, step_lr)
+            r2 = cayley_step(r2, leaves[1].grad, step_lr) if learn_r2 else None
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", grad=f"{sizes[-1]:.3g}")
+    for name, r in (("r1", r1), ("r2", r2)):
+        if r is not None and orthogonality_error(r) > 1e-8:  # float64: ~1e-14 after hundreds of steps
+            raise AssertionError(f"learn_rotation: {name} left the orthogonal group ({orthogonality_error(r):.1e})")
+    info = {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "windows": len(calibration),
+            "seq_len": calibration.shape[1], "quantized_as": _learned_under(quant), "loss": losses,
+            "r1_gradient": sizes, "seconds": round(time.perf_counter() - start, 1)}
+    return LearnedRotation(r1.cpu(), r2.cpu() if r2 is not None else None, info)
+
+
+def _learned_under(quant: QuantConfig) -> str:
+    weights = f"W{quant.w_bits} RTN min-max" if quant.w_method == "rtn" and quant.w_bits < 16 else "W16"
+    return f"{weights}, A{quant.a_bits}" + (f", KV{quant.kv_bits}" if quant.kv_bits < 16 else "")
+
+
+# -----------------------------------------------------------------------------
+# 5. Hadamard matrices: H H^T = n I with entries +-1, built, never stored.
 # A Hadamard matrix can exist only for n = 1, 2 or a multiple of 4. We write n = K * 2^m,
 # build H_K from Paley's constructions (or Kronecker products of them) and take
 # H_n = H_{2^m} (x) H_K with Sylvester's H_{2^m}: the 2^m part then costs only butterflies.
@@ -593,6 +812,9 @@ class RotateConfig:
         unknown = [s for s in self.plot_sites.split(",") if s and s not in ("residual", *SITES.values())]
         if unknown:
             raise ValueError(f"--plot-sites: unknown {unknown}; choose from residual, {', '.join(SITES.values())}")
+        if self.rotation.kind == "learned":
+            raise ValueError("--rotation learned: rotate.py draws the seed's Hadamards only; a rotation is learned "
+                             "under the quantizers on training text by train.py --rotate --rotation learned")
 
 
 def parse_args(argv=None) -> RotateConfig:
@@ -614,7 +836,7 @@ def main(args: RotateConfig):
     inputs = plot_inputs(before, args.plot_sites, args.plot_layer)
     maxima_before = channel_maxima(model, tokens, inputs)
     logits = model(tokens[None])
-    record = rotate_model(model, args.seed, **dataclasses.asdict(args.rotation))
+    record = rotate_model(model, args.seed, **args.rotation.layout())
     after = activation_stats(model, tokens)
     maxima_after = channel_maxima(model, tokens, inputs)
     error = (model(tokens[None]) - logits).abs().max() / logits.abs().max()

@@ -1,6 +1,7 @@
 """RoLoRA end to end: rotate -> LoRA fine-tune -> merge -> quantize -> evaluate.
 
     python train.py --bits 4 --rotate        # RoLoRA, W4A4, SmolLM2-135M-Instruct on Alpaca
+    python train.py --bits 4 --rotate --rotation learned   # ... with R1 learned first (SpinQuant)
     python train.py --bits 4                 # the LoRA baseline (no rotation)
     python train.py --model stories260K --data tinystories --max-steps 30   # seconds
 
@@ -38,7 +39,8 @@ from quant import QuantConfig
 from rotate import RotationConfig
 from data.wikitext2.prepare import load_test_text
 from data.tokenizer import Tokenizer, copy_tokenizer_files
-from data.checkpoints import load_training_checkpoint, locked_output_folder, save_training_checkpoint
+from data.checkpoints import (load_checkpoint_rotation, load_training_checkpoint, locked_output_folder,
+                              save_training_checkpoint)
 from data.mirror import read_prepared_jsonl
 from data.options import check_options, option, option_group, parse_config
 from model import save_checkpoint, write_atomically
@@ -55,8 +57,8 @@ class TrainConfig:
     seed: int = option(0, "seed of the rotation, the adapter init and the data order")
     # rotation (rotate.py)
     rotate: bool = option(False, "rotate the model before fine-tuning (RoLoRA); without it: the LoRA baseline")
-    rotation: RotationConfig = option_group(RotationConfig, "with --rotate: the rotations besides R1 (rotate.py; "
-                                            "RoLoRA uses R4 only)")
+    rotation: RotationConfig = option_group(RotationConfig, "with --rotate: the rotations besides R1, and how R1 "
+                                            "is chosen (rotate.py; RoLoRA: a random R1 and R4 only)")
     # adapters (lora.py)
     lora: LoRAConfig = option_group(LoRAConfig, "adapters (lora.py)")
     # optimisation
@@ -130,6 +132,8 @@ class TrainConfig:
         unknown = [t for t in self.task_list() if t not in evaluation.TASKS]
         if unknown:
             raise ValueError(f"--tasks={self.tasks!r}: unknown {unknown}; known tasks: {', '.join(evaluation.TASKS)}")
+        if self.rotation.kind == "learned" and not self.rotate:
+            raise ValueError("--rotation learned: add --rotate (--rotation says how R1 is chosen)")
         if self.rotate and (Path(self.model) / "rotation.json").is_file():
             raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
                              "drop --rotate to fine-tune it as it is")
@@ -266,7 +270,7 @@ def finetune(run: "Run", model) -> dict:
             run.log(f"step {step}: train loss {loss_sum:.4f}, held-out loss {history['val_loss'][-1][1]:.4f}")
         if run.is_main and (step % cfg.save_every == 0 or step == total):
             save_training_checkpoint(out, step, model, optimizer, scheduler, {
-                "history": history, "rotation": run.record, "config": dataclasses.asdict(cfg)})
+                "history": history, "rotation": run.record, "config": dataclasses.asdict(cfg)}, run.learned)
     bar.close()
     return history
 
@@ -358,7 +362,9 @@ class Run:
     val_set: list = dataclasses.field(default_factory=list)
     wikitext: str = ""
     calibration: torch.Tensor | None = None                     # GPTQ windows (N, T) from the training data
+    rotation_calibration: torch.Tensor | None = None            # --rotation learned: its windows, ditto
     record: dict | None = None                                  # the rotation record, when rotated
+    learned: rotate.LearnedRotation | None = None               # --rotation learned: R1 (and R2)
     rank: int = 0                                               # under torchrun: this process's rank
     world: int = 1                                              # ... and how many processes train
     clock: float = dataclasses.field(default_factory=time.perf_counter)
@@ -478,16 +484,51 @@ def load_model_and_data(r: Run):
     r.wikitext = load_test_text()
     stream = [i for ids, _ in r.train_set for i in ids]
     r.calibration = quant.calibration_windows(stream, cfg.quant.calib_windows, cfg.quant.calib_seq_len, cfg.seed)
+    if cfg.rotate and cfg.rotation.kind == "learned":
+        r.rotation_calibration = quant.calibration_windows(stream, cfg.rotation.learn_windows,
+                                                           cfg.rotation.learn_seq_len, cfg.seed)
     r.log(f"model {r.model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on {r.device}, "
           f"data {cfg.data}: {len(r.train_set)} train / {len(r.val_set)} held-out examples")
     return model
 
 
 def rotate_stage(r: Run, model):
-    """RoLoRA step 1, exact: the rotated model computes the same function (rotate.py)."""
-    if r.cfg.rotate:
-        r.record = rotate.rotate_model(model, seed=r.cfg.seed, **dataclasses.asdict(r.cfg.rotation))
-        r.log(f"rotated: {json.dumps(r.record)}")
+    """RoLoRA step 1, exact: the rotated model computes the same function (rotate.py). With
+    --rotation learned, R1 (and R2) are learned first under the quantizers that follow (--quant),
+    on windows of the training data; a resumed run reads them from its checkpoint instead."""
+    cfg = r.cfg
+    if not cfg.rotate:
+        return
+    if cfg.rotation.kind == "learned":
+        r.learned = load_checkpoint_rotation(r.out) if cfg.resume else None
+        if r.learned is not None:
+            r.log(f"learned rotation read back from {r.out / 'latest'}: not learned again")
+        else:
+            rot = cfg.rotation
+            r.learned = rotate.learn_rotation(
+                model, r.rotation_calibration, cfg.quant, rot.learn_steps, rot.learn_lr, cfg.seed,
+                learn_r2=rot.rotate_ov, online_down_proj=rot.online_down_proj, rotate_qk=rot.rotate_qk,
+                batch_size=rot.learn_batch_size, progress=r.is_main)
+            r.learned = same_on_every_rank(r, r.learned)
+            loss = r.learned.info["loss"] or [float("nan")]
+            r.log(f"learned R1{'+R2' if rot.rotate_ov else ''} in {rot.learn_steps} steps "
+                  f"({r.learned.info['seconds']:.0f} s): calibration loss {loss[0]:.4f} -> {loss[-1]:.4f}")
+    r.record = rotate.rotate_model(model, seed=cfg.seed, **cfg.rotation.layout(), learned=r.learned)
+    r.log(f"rotated: {json.dumps({k: v for k, v in r.record.items() if k != 'learned'})}")
+
+
+def same_on_every_rank(r: Run, learned: rotate.LearnedRotation) -> rotate.LearnedRotation:
+    """Under torchrun every rank learns the same way, but GPU arithmetic need not agree to the last
+    bit: rank 0's matrices are sent to all, so every rank trains on the very same base model."""
+    if r.world == 1:
+        return learned
+    import torch.distributed as dist
+    for tensor in (learned.r1, learned.r2):
+        if tensor is not None:
+            on_device = tensor.to(r.device)
+            dist.broadcast(on_device, src=0)
+            tensor.copy_(on_device.cpu())
+    return learned
 
 
 def quantized_copy(r: Run, model):

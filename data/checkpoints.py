@@ -1,11 +1,13 @@
 """A training run's folder: its checkpoints (adapters, AdamW state, scheduler, RNG) and its lock.
 
 train.py writes OUT/ckpt-STEP/ every --save-every steps: adapters.safetensors, optimizer.safetensors
-(AdamW's moments), rng.safetensors (the CPU generator) and state.json (step, scheduler, history,
-rotation record, configuration). Tensors go to safetensors and everything else to JSON: nothing
-is pickled, so a checkpoint from elsewhere cannot run code. The folder is completed under a
-temporary name, renamed, and only then does OUT/latest (an atomic rename) point to it: an
-interruption at any moment leaves a complete checkpoint that --resume continues from.
+(AdamW's moments), rng.safetensors (the CPU generator), state.json (step, scheduler, history,
+rotation record, configuration) and, with --rotation learned, rotation.safetensors (the learned
+R1 and R2, so that --resume rebuilds the same rotated base model without learning it again).
+Tensors go to safetensors and everything else to JSON: nothing is pickled, so a checkpoint from
+elsewhere cannot run code. The folder is completed under a temporary name, renamed, and only
+then does OUT/latest (an atomic rename) point to it: an interruption at any moment leaves a
+complete checkpoint that --resume continues from.
 """
 import json
 import os
@@ -28,9 +30,10 @@ def optimizer_tensors(optimizer) -> tuple[dict, dict]:
     return tensors, {"param_groups": state["param_groups"]}
 
 
-def save_training_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict):
+def save_training_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, learned=None):
     """Write OUT/ckpt-STEP completely, then point OUT/latest at it (an atomic rename), then
-    delete the older checkpoints: an interruption at any moment leaves a complete one."""
+    delete the older checkpoints: an interruption at any moment leaves a complete one.
+    learned: the run's rotate.LearnedRotation, saved beside (rotation.safetensors)."""
     from safetensors.torch import save_file
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".ckpt-{step:06d}.tmp"
@@ -40,6 +43,9 @@ def save_training_checkpoint(out: Path, step: int, model, optimizer, scheduler, 
     opt_tensors, opt_rest = optimizer_tensors(optimizer)
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+    if learned is not None:
+        from data.models.rotated import save_learned_rotation  # lazily: rotate.py imports the datasets
+        save_learned_rotation(learned, tmp)
     meta = dict(extra, step=step, optimizer=opt_rest,
                 scheduler={"last_epoch": scheduler.last_epoch, "_step_count": scheduler._step_count})
     (tmp / "state.json").write_text(json.dumps(meta, indent=2))
@@ -72,6 +78,15 @@ def load_training_checkpoint(out: Path, model, optimizer, scheduler) -> dict:
     scheduler._step_count = meta["scheduler"]["_step_count"]
     torch.set_rng_state(load_file(ckpt / "rng.safetensors")["torch_cpu"])
     return meta
+
+
+def load_checkpoint_rotation(out: Path):
+    """The learned rotation of OUT/latest, checked against its state.json's record (None if the run's
+    rotation was not learned)."""
+    from data.models.rotated import load_learned_rotation
+    ckpt = out / (out / "latest").read_text().strip()
+    record = json.loads((ckpt / "state.json").read_text()).get("rotation") or {}
+    return load_learned_rotation(ckpt, record) if "learned" in record else None
 
 
 @contextmanager

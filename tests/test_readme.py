@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 def script_configs() -> dict:
     """script path as the README writes it -> its default configuration (the parser's defaults)."""
     import bench_eval
+    import bench_learned_rotation
     import bench_model
     import bench_plan
     import bench_quant
@@ -27,6 +28,7 @@ def script_configs() -> dict:
     return {"train.py": train.TrainConfig(), "eval.py": ev.EvalConfig(), "rotate.py": rotate.RotateConfig(),
             "model.py": model.SampleConfig(), "bench/bench_eval.py": bench_eval.BenchEvalConfig(),
             "bench/bench_model.py": bench_model.BenchModelConfig(), "bench/bench_plan.py": bench_plan.BenchPlanConfig(),
+            "bench/bench_learned_rotation.py": bench_learned_rotation.BenchLearnedConfig(),
             "bench/bench_quant.py": bench_quant.BenchQuantConfig(),
             "bench/bench_rotate.py": bench_rotate.BenchRotateConfig(),
             "bench/bench_train.py": bench_train.BenchTrainConfig(), "bench/reproduce.py": reproduce.ReproduceConfig()}

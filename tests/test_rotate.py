@@ -5,20 +5,24 @@ leaves its function unchanged while removing its outliers.
     python -m pytest tests/test_rotate.py -x -q -m "not slow"
 """
 import copy
+import dataclasses
+import json
 import math
 import re
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from helpers import tiny_model
 
 import rotate
 from data.models.rotated import load_rotated, save_rotated
-from rotate import (OnlineHadamard, activation_stats, hadamard_matrix, hadamard_plan,
-                    hadamard_transform_matrix, outlier_stats, random_hadamard,
-                    rotate_model, walsh_hadamard_transform)
+from quant import QuantConfig, quantize_model
+from rotate import (OnlineHadamard, activation_stats, cayley_step, hadamard_matrix, hadamard_plan,
+                    hadamard_transform_matrix, learn_rotation, orthogonality_error, outlier_stats,
+                    random_hadamard, rotate_model, walsh_hadamard_transform)
 
 pytestmark = pytest.mark.filterwarnings("ignore:rotate.py. FALLBACK")  # asserted where it matters
 
@@ -411,6 +415,184 @@ def test_load_rotated_needs_the_record(tmp_path):
     save_checkpoint(tiny_model(), tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="rotation.json"):
         load_rotated(tmp_path / "plain")
+
+
+# -----------------------------------------------------------------------------
+# Learned rotations (SpinQuant): Cayley SGD on the orthogonal group
+
+
+def calibration(n=8, length=33, seed=0):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def learn(model, quant=QuantConfig(w_bits=4, a_bits=4), steps=3, lr=0.5, **options):
+    """learn_rotation on every calibration window at every step (batch 8 of 8): one fixed loss."""
+    return learn_rotation(model, calibration(), quant, steps, lr, batch_size=8, progress=False, **options)
+
+
+def test_cayley_steps_stay_on_the_orthogonal_group_and_descend():
+    """On f(R) = <T, R>, whose gradient is T: large steps leave R orthogonal to float64 rounding,
+    a small step is the Riemannian gradient step R - lr A R, and the iteration reaches the group's
+    minimum of f (-(sum of T's singular values), less 2 sigma_min in the other component)."""
+    T = torch.randn(64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    start = random_hadamard(64, seed=3)
+    A = T @ start.T - start @ T.T
+    small = cayley_step(start, T, 1e-4)
+    first_order = start - 1e-4 * A @ start
+    assert (small - first_order).abs().max() < 1e-3 * (small - start).abs().max()  # second order only
+    R = start
+    for _ in range(200):
+        R = cayley_step(R, T, 0.05)
+    assert orthogonality_error(R) < 1e-12 and (R - start).abs().max() > 0.1
+    sigma = torch.linalg.svdvals(T)
+    assert (R * T).sum() < -0.999 * (sigma.sum() - 2 * sigma[-1]) < (start * T).sum()
+    batch = torch.stack([random_hadamard(16, seed) for seed in range(3)])  # one R2 per layer
+    stepped = cayley_step(batch, torch.randn(3, 16, 16, dtype=torch.float64), 2.0)
+    assert orthogonality_error(stepped) < 1e-13 and (stepped - batch).abs().max() > 0.1
+
+
+LEARNED_CASES = {
+    "R1": dict(config={}, rotate_ov=False, rotate_qk=False),
+    "R1+R2": dict(config={}, rotate_ov=True, rotate_qk=False),
+    "R1+R2+R3-head12-gqa4to1-tied": dict(config=dict(hidden_size=48, head_dim=12, num_key_value_heads=1,
+                                                     tie_word_embeddings=True), rotate_ov=True, rotate_qk=True),
+}
+
+
+@pytest.mark.parametrize("case", LEARNED_CASES)
+def test_learned_rotation_is_orthogonal_and_keeps_logits_float64(case):
+    spec = LEARNED_CASES[case]
+    model = tiny_model(seed=1, dtype=torch.float64, **spec["config"])
+    original = copy.deepcopy(model.state_dict())
+    learned = learn(model, seed=5, learn_r2=spec["rotate_ov"], rotate_qk=spec["rotate_qk"])
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())  # learning changed nothing
+    assert orthogonality_error(learned.r1) < 1e-12
+    assert (learned.r2 is not None) == spec["rotate_ov"]
+    if spec["rotate_ov"]:
+        assert learned.r2.shape == (2, model.config.head_dim, model.config.head_dim)
+        assert orthogonality_error(learned.r2) < 1e-12
+    idx = torch.randint(0, 128, (2, 23), generator=torch.Generator().manual_seed(0))
+    before = float64_logits(model, idx)
+    hadamard = copy.deepcopy(model)
+    rotate_model(hadamard, seed=5, rotate_ov=spec["rotate_ov"], rotate_qk=spec["rotate_qk"])
+    record = rotate_model(model, seed=5, rotate_ov=spec["rotate_ov"], rotate_qk=spec["rotate_qk"], learned=learned)
+    err = relative_error(float64_logits(model, idx), before)
+    print(f"{case}: relative logit error {err:.1e}")
+    assert err < 1e-9
+    assert record["r1"] == "learned" and record["learned"]["r2"] == spec["rotate_ov"]
+    assert model.learned_rotation is learned
+    # the learned matrices, not the seed's Hadamards, are what got folded in
+    assert relative_error(model.embed_tokens.weight, hadamard.embed_tokens.weight) > 1e-3
+    if spec["rotate_ov"]:  # v_proj's R1 side is the same below; its R2 side must differ
+        only_r1 = copy.deepcopy(learned)
+        only_r1.r2 = None
+        with_hadamard_r2 = tiny_model(seed=1, dtype=torch.float64, **spec["config"])
+        rotate_model(with_hadamard_r2, seed=5, rotate_ov=True, learned=only_r1)
+        v = lambda m: m.layers[0].self_attn.v_proj.weight
+        assert relative_error(v(model), v(with_hadamard_r2)) > 1e-3
+
+
+def test_learning_starts_at_the_seeds_hadamard_and_lowers_the_quantized_calibration_loss():
+    """The first loss is that of the random-Hadamard model the pipeline builds, quantized as
+    learning quantizes (weights by RTN on a min-max grid when RTN follows, 16-bit when GPTQ
+    follows); ten steps later the quantized model with the learned R1 folded in has a lower loss
+    on the calibration windows. (W3A4: on a 2-layer random model the 4-bit loss moves by about as
+    much from one step to the next as it gains in ten, see bench/bench_learned_rotation.py for
+    SmolLM2 at W4A4.)"""
+    model = tiny_model(seed=1)
+    windows = calibration()
+    at_start = learn(model, steps=0, seed=5, learn_r2=True)  # R1 = the seed's Hadamard, R2 = rotate_ov's
+    assert torch.equal(at_start.r1, random_hadamard(64, seed=5))
+    assert all(torch.equal(r2, hadamard_transform_matrix(16).T) for r2 in at_start.r2)
+    hadamard, dense = copy.deepcopy(model), copy.deepcopy(model)
+    rotate_model(hadamard, seed=5, rotate_ov=True)
+    rotate_model(dense, seed=5, rotate_ov=True, learned=at_start)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(hadamard.parameters(), dense.parameters()))
+
+    def quantized_loss(learned, w_bits):
+        rotated = copy.deepcopy(model)
+        rotate_model(rotated, seed=0, learned=learned)
+        quantize_model(rotated, w_bits=w_bits, a_bits=4, w_clip_search=False)
+        with torch.no_grad():
+            return F.cross_entropy(rotated(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten()).item()
+
+    rtn = QuantConfig(w_bits=3, a_bits=4)
+    learned = learn(model, rtn, steps=10, lr=1.0)
+    start, end = quantized_loss(None, 3), quantized_loss(learned, 3)
+    print(f"W3A4 RTN: quantized calibration loss {start:.4f} -> {end:.4f}")
+    assert learned.info["loss"][0] == pytest.approx(start, rel=1e-5)
+    assert end < start - 0.05
+    assert learned.info["quantized_as"] == "W3 RTN min-max, A4"
+    before_gptq = learn(model, dataclasses.replace(rtn, w_method="gptq"), steps=1)  # weights stay 16-bit
+    assert before_gptq.info["loss"][0] == pytest.approx(quantized_loss(None, 16), rel=1e-5)
+    assert before_gptq.info["quantized_as"] == "W16, A4"
+
+
+def test_save_and_reload_a_learned_rotation_give_identical_logits(tmp_path):
+    from data.models import load_weights
+    from data.models.quantized import save_quantized
+    from data.models.rotated import load_learned_rotation, save_learned_rotation
+    model = tiny_model(seed=4, tie_word_embeddings=True)
+    learned = learn(model, steps=2, learn_r2=True)
+    record = rotate_model(model, seed=0, rotate_ov=True, learned=learned)
+    idx = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
+    expected = model(idx)
+    save_rotated(model, record, tmp_path / "rotated")
+    assert json.loads((tmp_path / "rotated" / "rotation.json").read_text())["learned"]["file"] == "rotation.safetensors"
+    loaded, loaded_record = load_rotated(tmp_path / "rotated")
+    assert loaded_record == record
+    assert torch.equal(loaded(idx), expected)
+    again = loaded.learned_rotation
+    assert torch.equal(again.r1, learned.r1) and torch.equal(again.r2, learned.r2) and again.info == learned.info
+    assert again.r1.dtype == torch.float64
+    # rebuilt from the original model with the reloaded matrices: the same rotated model, bit for bit
+    rebuilt = tiny_model(seed=4, tie_word_embeddings=True)
+    rotate_model(rebuilt, seed=0, rotate_ov=True, learned=again)
+    assert torch.equal(rebuilt(idx), expected) and rebuilt.rotation == record
+    # a quantized save keeps the matrices too
+    quantize_model(model, w_bits=4, a_bits=4)
+    save_quantized(model, tmp_path / "quantized")
+    reloaded = load_weights(tmp_path / "quantized")
+    with torch.no_grad():
+        assert torch.equal(reloaded(idx), model(idx))
+    assert torch.equal(reloaded.learned_rotation.r1, learned.r1) and reloaded.rotation == record
+    # matrices other than those the record names are refused, and so is a missing file
+    save_learned_rotation(rotate.LearnedRotation(learned.r1.flip(0), learned.r2, learned.info), tmp_path / "rotated")
+    with pytest.raises(ValueError, match="not the ones rotation.json names"):
+        load_rotated(tmp_path / "rotated")
+    (tmp_path / "rotated" / "rotation.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="rotation.safetensors: missing"):
+        load_learned_rotation(tmp_path / "rotated", record)
+    del rebuilt.learned_rotation  # a record naming matrices the model does not hold is not saved
+    with pytest.raises(ValueError, match="learned_rotation does not hold"):
+        save_rotated(rebuilt, record, tmp_path / "again")
+
+
+def test_the_random_signs_change_a_min_max_quantized_model_only_where_the_grid_clips():
+    """Why learning starts from one seed and why seeds differ at all: with Q = M diag(s), every
+    per-token activation and per-row weight that R1 touches is the seed-free one times +-1, and a
+    symmetric min-max grid rounds -x to exactly -Q(x). So all seeds give the same W4A4 model bit
+    for bit; only clipping to the grid's unequal ends [-8, 7] (the MSE clip search, GPTQ's error
+    feedback) lets a sign decide which end a value clips at."""
+    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for clip in (False, True):
+        for seed in (0, 1):
+            model = tiny_model(seed=2)
+            rotate_model(model, seed=seed)
+            quantize_model(model, w_bits=4, a_bits=4, w_clip_search=clip)
+            with torch.no_grad():
+                logits[clip, seed] = model(idx)
+    assert torch.equal(logits[False, 0], logits[False, 1])
+    assert not torch.equal(logits[True, 0], logits[True, 1])
+
+
+def test_only_train_py_learns_rotations():
+    with pytest.raises(SystemExit):
+        rotate.parse_args(["--rotation", "learned"])
+    import eval as ev
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--model", "stories260K", "--rotate", "--rotation", "learned"])
 
 
 # -----------------------------------------------------------------------------

@@ -102,6 +102,8 @@ BAD_FLAGS = [
     (["--dtype", "float16"], "--dtype='float16'"),
     (["--data", "nope"], "--data nope: no data/nope/prepare.py"),
     (["--device", "tpu"], "--device='tpu': must be auto, cpu or cuda[:N]"),
+    (["--rotation", "learned"], "--rotation learned: add --rotate"),
+    (["--rotate", "--rotation", "trained"], "--kind='trained': must be one of random, learned"),
 ]
 
 
@@ -505,6 +507,52 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stori
         assert torch.equal(a[key], b[key]), key  # bit-identical on CPU
     assert resumed["history"]["train_loss"] == expected["history"]["train_loss"]
     assert resumed["rows"]["after / FP"] == expected["rows"]["after / FP"]
+
+
+LEARNED = dict(rotate=True, kind="learned", learn_steps=3, learn_windows=4, learn_seq_len=64, learn_batch_size=2,
+               w_bits=4, a_bits=4, rotate_ov=True)
+
+
+@pytest.mark.slow
+def test_learned_rotation_is_saved_with_the_run_and_resume_reuses_it(tmp_path, monkeypatch, stories):
+    straight = quick_config(tmp_path / "a", export=True, **LEARNED)
+    expected = train.run(straight)
+    record = expected["rotation"]
+    assert record["r1"] == "learned" and record["learned"]["r2"] and len(record["learned"]["loss"]) == 3
+    ckpt = tmp_path / "a" / "run" / (tmp_path / "a" / "run" / "latest").read_text().strip()
+    learned = checkpoints.load_checkpoint_rotation(tmp_path / "a" / "run")
+    assert (ckpt / "rotation.safetensors").is_file() and learned.digest() == record["learned"]["sha256"]
+    from data.models import load_model
+    for saved in ("merged", "quantized"):  # the exported models carry the same matrices
+        model, _, _ = load_model(tmp_path / "a" / "run" / saved)
+        assert model.rotation == record and torch.equal(model.learned_rotation.r2, learned.r2)
+
+    interrupted = quick_config(tmp_path / "b", **LEARNED)
+    real_batch_for_step = train.batch_for_step
+
+    def crash_at_step_6(step, *args):
+        if step == 6:
+            raise KeyboardInterrupt("simulated interruption")
+        return real_batch_for_step(step, *args)
+
+    monkeypatch.setattr(train, "batch_for_step", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(interrupted)
+    monkeypatch.setattr(train, "batch_for_step", real_batch_for_step)
+    run_b = tmp_path / "b" / "run"
+    recorded = json.loads((run_b / (run_b / "latest").read_text().strip() / "state.json").read_text())["rotation"]
+    assert recorded["learned"]["sha256"] == record["learned"]["sha256"]  # on a CPU: the same matrices again
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("--resume learned the rotation again")
+
+    monkeypatch.setattr(train.rotate, "learn_rotation", not_again)
+    resumed = train.run(quick_config(tmp_path / "b", resume=True, **LEARNED))
+    assert resumed["rotation"] == recorded  # its learning time included: read back, not learned again
+    a, b = final_adapters(tmp_path / "a" / "run"), final_adapters(tmp_path / "b" / "run")
+    assert all(torch.equal(a[key], b[key]) for key in a)  # bit-identical on CPU
+    assert resumed["history"]["train_loss"] == expected["history"]["train_loss"]
+    assert resumed["rows"] == expected["rows"]
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Saved quantized models: integer codes, scales and zero points, reloaded without calibration.
 
 A directory written by save_quantized: config.json, quantization.json (the QuantConfig and how
-the codes are stored), rotation.json when the model was rotated (rotate.py's record), and one
+the codes are stored), rotation.json when the model was rotated (rotate.py's record; with
+rotation.safetensors, the matrices, when the rotation was learned), and one
 model.safetensors in the Hugging Face names. A quantized linear "<hf>.weight" is replaced by
     <hf>.qweight (out, ceil(in/2)) uint8 | (out, in) uint8 | (out, in) int16: k - qmin
     <hf>.scales  (out, n_groups) float32
@@ -155,11 +156,13 @@ def save_quantized(model: nn.Module, path):
     path.mkdir(parents=True, exist_ok=True)
     record = _quantization_record(config, rotation is not None)
     # the records first: a directory never holds these weights without them
-    write_atomically(path / QUANT_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
-    if rotation is not None:
-        write_atomically(path / "rotation.json", lambda tmp: Path(tmp).write_text(json.dumps(rotation, indent=2)))
+    if rotation is not None:  # (+ rotation.safetensors for a learned one: checked before it writes anything)
+        from data.models.rotated import write_rotation_record  # lazily: rotate.py imports the datasets
+        write_rotation_record(path, rotation, getattr(model, "learned_rotation", None))
     else:
-        (path / "rotation.json").unlink(missing_ok=True)  # an earlier save's, in this directory
+        for stale in ("rotation.json", "rotation.safetensors"):  # an earlier save's, in this directory
+            (path / stale).unlink(missing_ok=True)
+    write_atomically(path / QUANT_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         old.unlink()  # never leave a stale shard next to the new file
     write_atomically(path / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -286,4 +289,7 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
     if model_config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope_inv_freq = rope_inverse_frequencies(model_config).to(device)
+    if rotation is not None and "learned" in rotation:
+        from data.models.rotated import load_learned_rotation
+        model.learned_rotation = load_learned_rotation(path, rotation)
     return _rebuild_stages(model, config, rotation, grids).eval()

@@ -8,6 +8,11 @@ and load_rotated puts the online modules back; export_plain_llama writes the oth
 folded back and R3 dropped, that any LLaMA loader (transformers, lm-evaluation-harness's hf
 model) runs unchanged.
 
+A learned rotation (rotate.learn_rotation) is folded into the weights like a Hadamard, and its
+matrices are kept beside the record too (rotation.safetensors, float64, named and checksummed by
+the record): read back bit for bit as model.learned_rotation, they rebuild the same rotated
+model from the original one (train.py --resume does).
+
     save_rotated(model, model.rotation, "out/rotated")
     model, record = load_rotated("out/rotated")      # the same logits
     export_plain_llama(model, "out/hf")               # for LlamaForCausalLM.from_pretrained
@@ -19,19 +24,59 @@ import torch
 import torch.nn as nn
 
 from model import load_checkpoint, read_config, save_checkpoint, write_atomically
-from rotate import OnlineHadamard, add_online_hadamards, walsh_hadamard_transform
+from rotate import (LEARNED_ROTATION_FILE, LearnedRotation, OnlineHadamard, add_online_hadamards,
+                    walsh_hadamard_transform)
 
 ROTATION_RECORD = "rotation.json"  # listed in model.STAGE_RECORDS
 
 
 def save_rotated(model, record: dict, path):
-    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record).
-    With R4 the weights alone are not a plain LLaMA: they need the online Hadamard, so the record
+    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record), and
+    for a learned rotation rotation.safetensors (model.learned_rotation). With R4 the weights alone are not a plain LLaMA: they need the online Hadamard, so the record
     is written first (atomically): a directory never holds the weights without it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_atomically(path / ROTATION_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+    write_rotation_record(path, record, getattr(model, "learned_rotation", None))
     save_checkpoint(model, path)
+
+
+def write_rotation_record(path: Path, record: dict, learned: LearnedRotation | None):
+    """rotation.json, and for a learned rotation its matrices (LEARNED_ROTATION_FILE) first."""
+    if "learned" in record:
+        if learned is None or learned.digest() != record["learned"]["sha256"]:
+            digest = record["learned"]["sha256"][:12]
+            raise ValueError(f"save: the rotation record names learned matrices (sha256 {digest}...) that the "
+                             "model's learned_rotation does not hold")
+        save_learned_rotation(learned, path)
+    else:
+        (path / LEARNED_ROTATION_FILE).unlink(missing_ok=True)  # an earlier save's, in this directory
+    write_atomically(path / ROTATION_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+def save_learned_rotation(learned: LearnedRotation, path):
+    """DIR/rotation.safetensors: r1 (and r2) in float64, how they were learned in its metadata."""
+    from safetensors.torch import save_file
+    tensors = {"r1": learned.r1.double().contiguous()}
+    if learned.r2 is not None:
+        tensors["r2"] = learned.r2.double().contiguous()
+    metadata = {"info": json.dumps(learned.info)}
+    write_atomically(Path(path) / LEARNED_ROTATION_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_learned_rotation(path, record: dict | None = None) -> LearnedRotation:
+    """DIR/rotation.safetensors back, bit for bit; given the record, checked against its sha256."""
+    from safetensors import safe_open
+    file = Path(path) / LEARNED_ROTATION_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: missing, but the rotation record says the rotation was learned")
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(f.metadata()["info"])
+    learned = LearnedRotation(tensors["r1"], tensors.get("r2"), info)
+    if record is not None and learned.digest() != record["learned"]["sha256"]:
+        raise ValueError(f"{file}: these matrices are not the ones {ROTATION_RECORD} names (sha256 "
+                         f"{learned.digest()[:12]}... != {record['learned']['sha256'][:12]}...)")
+    return learned
 
 
 def export_plain_llama(model, path):
@@ -91,4 +136,6 @@ def load_rotated(path, dtype=torch.float32, device="cpu"):
     model = load_checkpoint(path, dtype=dtype, device=device, stage_records_ok=True)
     add_online_hadamards(model, record["r4"], record["r3"])
     model.rotation = record
+    if "learned" in record:
+        model.learned_rotation = load_learned_rotation(path, record)
     return model, record
