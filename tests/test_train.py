@@ -482,11 +482,8 @@ def test_grad_checkpointing_recomputes_and_changes_no_number(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stories):
-    straight = quick_config(tmp_path / "a", dropout=0.1)  # dropout: the RNG state must be restored too
-    expected = train.run(straight)
-
-    interrupted = quick_config(tmp_path / "b", dropout=0.1)
+def run_interrupted_at_step_6(cfg, monkeypatch):
+    """train.run(cfg), cut by a KeyboardInterrupt when step 6's batch is drawn (its checkpoints stay)."""
     real_batch_for_step = train.batch_for_step
 
     def crash_at_step_6(step, *args):
@@ -496,9 +493,16 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stori
 
     monkeypatch.setattr(train, "batch_for_step", crash_at_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train.run(interrupted)
-    assert (tmp_path / "b" / "run" / "latest").read_text().strip() == "ckpt-000004"
+        train.run(cfg)
     monkeypatch.setattr(train, "batch_for_step", real_batch_for_step)
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stories):
+    straight = quick_config(tmp_path / "a", dropout=0.1)  # dropout: the RNG state must be restored too
+    expected = train.run(straight)
+
+    run_interrupted_at_step_6(quick_config(tmp_path / "b", dropout=0.1), monkeypatch)
+    assert (tmp_path / "b" / "run" / "latest").read_text().strip() == "ckpt-000004"
     resumed = train.run(quick_config(tmp_path / "b", dropout=0.1, resume=True))
 
     a, b = final_adapters(tmp_path / "a" / "run"), final_adapters(tmp_path / "b" / "run")
@@ -527,18 +531,7 @@ def test_learned_rotation_is_saved_with_the_run_and_resume_reuses_it(tmp_path, m
         model, _, _ = load_model(tmp_path / "a" / "run" / saved)
         assert model.rotation == record and torch.equal(model.learned_rotation.r2, learned.r2)
 
-    interrupted = quick_config(tmp_path / "b", **LEARNED)
-    real_batch_for_step = train.batch_for_step
-
-    def crash_at_step_6(step, *args):
-        if step == 6:
-            raise KeyboardInterrupt("simulated interruption")
-        return real_batch_for_step(step, *args)
-
-    monkeypatch.setattr(train, "batch_for_step", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(interrupted)
-    monkeypatch.setattr(train, "batch_for_step", real_batch_for_step)
+    run_interrupted_at_step_6(quick_config(tmp_path / "b", **LEARNED), monkeypatch)
     run_b = tmp_path / "b" / "run"
     recorded = json.loads((run_b / (run_b / "latest").read_text().strip() / "state.json").read_text())["rotation"]
     assert recorded["learned"]["sha256"] == record["learned"]["sha256"]  # on a CPU: the same matrices again
