@@ -341,15 +341,23 @@ def evaluate_task(model, tokenizer, task: str, limit: int | None = None, batch_s
 
 
 def evaluate_tasks(model, tokenizer, tasks=PAPER_TASKS, limit: int | None = None, batch_size: int = 32,
-                   share_prefix: bool = True, add_bos: bool = False, progress: bool = True) -> dict:
+                   share_prefix: bool = True, add_bos: bool = False, progress: bool = True,
+                   done: dict | None = None, on_task_done=None) -> dict:
     """{"tasks": {name: metrics}, "average": mean reported metric over the paper tasks evaluated,
-    "average_stderr": its standard error, sqrt(sum of the tasks' squared stderrs) / n (independent tasks)}."""
+    "average_stderr": its standard error, sqrt(sum of the tasks' squared stderrs) / n (independent tasks)}.
+    `done` holds the metrics of tasks already evaluated (they are not run again), and
+    `on_task_done(metrics so far)` is called after each task: a long evaluation can be cut and continued."""
     for t in tasks:
         if t not in TASKS:
             raise ValueError(f"unknown task '{t}'; known tasks: {', '.join(TASKS)}")
     model.eval()
-    results = {t: evaluate_task(model, tokenizer, t, limit, batch_size, share_prefix, add_bos, progress)
-               for t in tasks}
+    results = {t: done[t] for t in tasks if done and t in done}
+    for t in tasks:
+        if t not in results:
+            results[t] = evaluate_task(model, tokenizer, t, limit, batch_size, share_prefix, add_bos, progress)
+            if on_task_done is not None:
+                on_task_done(dict(results))
+    results = {t: results[t] for t in tasks}
     averaged = [t for t in tasks if t in PAPER_TASKS]
     average = sum(results[t][results[t]["metric"]] for t in averaged) / len(averaged) if averaged else None
     errors = [results[t].get(results[t]["metric"] + "_stderr") for t in averaged]

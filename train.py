@@ -537,15 +537,25 @@ def quantized_copy(r: Run, model):
     return quant.quantize_model(copy.deepcopy(model), r.cfg.quant, calibration=r.calibration if gptq else None)
 
 
-def evaluate_row(r: Run, model) -> dict:
-    """Held-out loss, WikiText-2 perplexity and zero-shot accuracy of one model (eval.py)."""
+def evaluate_row(r: Run, model, partial: dict | None = None, save_partial=None) -> dict:
+    """Held-out loss, WikiText-2 perplexity and zero-shot accuracy of one model (eval.py).
+    `partial` is a row cut short (its finished parts are kept), and `save_partial(row so far)` is
+    called after each part: bench/reproduce.py uses them to continue an hour-long row."""
     cfg = r.cfg
     model.eval()
-    row = {"heldout_loss": r.heldout_loss(model)}
+    row = dict(partial or {})
+    save = save_partial or (lambda row: None)
+    if "heldout_loss" not in row:
+        row["heldout_loss"] = r.heldout_loss(model)
+        save(row)
     with r.autocast:
-        row["ppl"] = evaluation.perplexity(model, r.tok, r.wikitext, cfg.ppl_seq_len, cfg.ppl_windows)
+        if "ppl" not in row:
+            row["ppl"] = evaluation.perplexity(model, r.tok, r.wikitext, cfg.ppl_seq_len, cfg.ppl_windows)
+            save(row)
         if cfg.task_list():
-            row.update(evaluation.evaluate_tasks(model, r.tok, cfg.task_list(), cfg.eval_limit, cfg.eval_batch_size))
+            row.update(evaluation.evaluate_tasks(model, r.tok, cfg.task_list(), cfg.eval_limit, cfg.eval_batch_size,
+                                                 done=row.get("tasks"),
+                                                 on_task_done=lambda tasks: save(dict(row, tasks=tasks))))
     return row
 
 

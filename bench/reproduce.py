@@ -113,8 +113,12 @@ def check_same_grid(args, results: dict):
                          "Use those, or another --results file")
 
 
-def save_cell(args, results: dict, name: str, cell: dict):
-    results["cells"][name] = dict(cell, finished=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine())
+def save_cell(args, results: dict, name: str | None, cell: dict | None):
+    """Add a finished cell (name None: only write the file, e.g. a partial row) and write atomically."""
+    if name is not None:
+        results["cells"][name] = dict(cell, finished=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine())
+    if not results.get("partial"):
+        results.pop("partial", None)
     results["grid"] = {k: getattr(args, k) for k in NUMBERS_DEPEND_ON}
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,16 +172,25 @@ def run_evaluation(args, results: dict, method: str, setting: str):
     cfg = train_config(args, training, model=str(merged), rotate=False, qat=False, out=str(Path(args.out) / "eval"),
                        w_bits=w_bits, a_bits=a_bits, w_method=w_method)
     cfg.validate()
+    name = f"eval/{method}/{setting}"
+    partial = results.get("partial", {}).get(name, {"seconds": 0.0, "row": {}})
     start = time.perf_counter()
+
+    def save_partial(row: dict):  # a cut row continues from its last finished part (loss, ppl, a task)
+        seconds = round(partial["seconds"] + time.perf_counter() - start, 1)
+        results.setdefault("partial", {})[name] = {"seconds": seconds, "row": row}
+        save_cell(args, results, None, None)
+
     with train.open_run(cfg) as r:
         model = train.load_model_and_data(r)
         if rotate_after_merge:  # LBR: the rotation RoLoRA applies before fine-tuning, applied after it
             rotate.rotate_model(model, seed=args.seed)
         if cfg.quant.quantizes:
             model = train.quantized_copy(r, model)
-        row = train.evaluate_row(r, model)
-    save_cell(args, results, f"eval/{method}/{setting}", {"seconds": round(time.perf_counter() - start, 1),
-                                                          "row": row, "quant": dataclasses.asdict(cfg.quant)})
+        row = train.evaluate_row(r, model, partial["row"], save_partial)
+    results.get("partial", {}).pop(name, None)
+    save_cell(args, results, name, {"seconds": round(partial["seconds"] + time.perf_counter() - start, 1),
+                                    "row": row, "quant": dataclasses.asdict(cfg.quant)})
 
 
 def run_grid(args):
@@ -202,14 +215,22 @@ def run_grid(args):
 # Reading the results
 
 
+def part_names(row: dict) -> list[str]:
+    """The finished parts of a partial row, in the order evaluate_row runs them."""
+    return [k for k in ("heldout_loss", "ppl") if k in row] + list(row.get("tasks", {}))
+
+
 def print_status(args):
-    cells = read_results(args)["cells"]
+    results = read_results(args)
+    cells = results["cells"]
     wanted = [f"train/{t}" for t in dict.fromkeys(METHODS[m][0] for m in args.method_list())]
     wanted += [f"eval/{m}/{s}" for m in args.method_list() for s in args.setting_list()]
     for name in wanted:
         cell = cells.get(name)
-        print(f"{name:<24} " + (f"done   {cell['seconds']:>8.0f} s  {cell['finished']}  {cell['machine']}"
-                                if cell else "to do"))
+        part = results.get("partial", {}).get(name)
+        print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s  {cell['finished']}  {cell['machine']}" if cell
+                                else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
+                                if part else "to do"))
     done = [cells[n]["seconds"] for n in wanted if n in cells]
     print(f"{len(done)} of {len(wanted)} cells done, {sum(done) / 3600:.2f} h of compute")
 

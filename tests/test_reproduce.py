@@ -2,6 +2,7 @@
 interrupted run continues to the numbers of an uninterrupted one, LBR is LoRA's own merged model
 rotated (so it equals LoRA at full precision), and the table is made from the results file."""
 import json
+import re
 import sys
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
+import eval as evaluation  # noqa: E402
 import reproduce  # noqa: E402
 import train  # noqa: E402
 
@@ -54,7 +56,7 @@ def test_the_grid_saves_every_cell_and_lbr_is_lora_rotated(tmp_path, stories_dir
     assert "RoLoRA recovers" in table
     reproduce.main(grid_args(tmp_path, "--status", "--methods", "lora,rolora_qat"))
     status = capsys.readouterr().out
-    assert "eval/lora/fp" in status and "train/rolora_qat         to do" in status
+    assert "eval/lora/fp" in status and "train/rolora_qat          to do" in status
 
 
 def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_path, stories_dir, monkeypatch):
@@ -62,11 +64,11 @@ def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_p
     real_evaluate_row = train.evaluate_row
     calls = []
 
-    def dies_on_the_second_row(r, model):
+    def dies_on_the_second_row(r, model, *rest):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # the machine stops in the middle of a cell
-        return real_evaluate_row(r, model)
+        return real_evaluate_row(r, model, *rest)
     monkeypatch.setattr(train, "evaluate_row", dies_on_the_second_row)
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(args)
@@ -87,6 +89,45 @@ def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_p
     for name in continued:
         if name.startswith("eval/"):
             assert cells(other)[name]["row"] == continued[name]["row"]
+
+
+def test_a_row_cut_between_two_tasks_continues_from_its_last_finished_task(tmp_path, stories_dir, monkeypatch,
+                                                                           capsys):
+    args = grid_args(tmp_path, "--methods", "lora", "--settings", "fp")
+    real_evaluate_task = evaluation.evaluate_task
+    tasks_run = []
+
+    def dies_on(stop_at):
+        def evaluate_task(model, tokenizer, task, *rest, **options):
+            tasks_run.append(task)
+            if task == stop_at:
+                raise KeyboardInterrupt
+            return real_evaluate_task(model, tokenizer, task, *rest, **options)
+        return evaluate_task
+    monkeypatch.setattr(evaluation, "evaluate_task", dies_on("arc_easy"))
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(args)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "eval/lora/fp" not in results["cells"]
+    cut = results["partial"]["eval/lora/fp"]
+    assert list(cut["row"]) == ["heldout_loss", "ppl", "tasks"] and list(cut["row"]["tasks"]) == ["piqa"]
+    capsys.readouterr()
+    reproduce.main(args + ["--status"])
+    status = capsys.readouterr().out
+    assert re.search(r"eval/lora/fp +cut +\d+ s  after heldout_loss, ppl, piqa\n", status), status
+
+    tasks_run.clear()
+    monkeypatch.setattr(evaluation, "evaluate_task", dies_on(None))
+    monkeypatch.setattr(evaluation, "perplexity", lambda *a: pytest.fail("perplexity computed again"))
+    reproduce.main(args)
+    assert tasks_run == ["arc_easy"]  # piqa, the loss and the perplexity were kept
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "partial" not in results and results["cells"]["eval/lora/fp"]["seconds"] >= cut["seconds"]
+
+    monkeypatch.undo()
+    other = tmp_path / "uninterrupted"
+    reproduce.main(grid_args(other, "--methods", "lora", "--settings", "fp"))
+    assert cells(other)["eval/lora/fp"]["row"] == results["cells"]["eval/lora/fp"]["row"]
 
 
 def test_cells_of_other_settings_are_never_mixed_into_one_results_file(tmp_path, stories_dir):
