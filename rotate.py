@@ -257,7 +257,7 @@ def walsh_hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.
 
     Any leading shape; half-precision inputs are computed in float32 and cast back; differentiable.
     Costs O(n (B + log n)) per row instead of the dense O(n^2)."""
-    return _WalshHadamard.apply(x, transpose)
+    return _walsh_hadamard(x, transpose)
 
 
 def random_signs(n: int, seed: int) -> torch.Tensor:
@@ -326,17 +326,30 @@ def _fast_transform(x: torch.Tensor, transpose: bool) -> torch.Tensor:
     return y.view(x.shape).to(x.dtype)
 
 
-class _WalshHadamard(torch.autograd.Function):
+# A custom operator rather than an autograd.Function, for torch.compile (train.py / eval.py
+# --compile): the compiler treats it as one opaque op and never traces into _dense_block, whose
+# Hadamard constructions (Python loops, data-dependent branches) would break the graph at every
+# online Hadamard. Eager code runs it the same way: _fast_transform, unchanged.
+@torch.library.custom_op("rolora::walsh_hadamard_transform", mutates_args=())
+def _walsh_hadamard(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+    return _fast_transform(x, transpose)
+
+
+@_walsh_hadamard.register_fake
+def _(x, transpose):  # what the compiler needs to know: a new contiguous tensor of x's shape and dtype
+    return x.new_empty(x.shape)
+
+
+def _walsh_hadamard_setup(ctx, inputs, output):
+    ctx.transpose = inputs[1]
+
+
+def _walsh_hadamard_backward(ctx, grad):
     """y = x M^T is linear, so dL/dx = dL/dy M: the transposed transform (itself differentiable)."""
+    return _walsh_hadamard(grad, not ctx.transpose), None
 
-    @staticmethod
-    def forward(ctx, x, transpose):
-        ctx.transpose = transpose
-        return _fast_transform(x, transpose)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _WalshHadamard.apply(grad, not ctx.transpose), None
+_walsh_hadamard.register_autograd(_walsh_hadamard_backward, setup_context=_walsh_hadamard_setup)
 
 
 # -----------------------------------------------------------------------------
