@@ -22,6 +22,7 @@ import json
 import math
 import os
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from functools import reduce
 from pathlib import Path
@@ -307,8 +308,11 @@ class Transformer(nn.Module):
                              f"{self.config.max_position_embeddings}")
         x = self.embed_tokens(idx)  # (B, T, d)
         cos, sin = self.rotary_cos_sin(start, T, x.dtype)
-        for block in self.layers:
-            x = block(x, cos, sin, cache)
+        # compile_blocks compiles the forward without a cache only: the cache's lists and the layer
+        # index it is read with would need a graph per layer and per prefix length
+        with torch.compiler.set_stance("force_eager") if cache is not None else nullcontext():
+            for block in self.layers:
+                x = block(x, cos, sin, cache)
         return self.lm_head(self.norm(x)).float()
 
     @torch.no_grad()
@@ -362,6 +366,32 @@ BLOCK_INPUTS = (  # in forward order
 BLOCK_LINEARS = tuple(path for shared in BLOCK_INPUTS for path in shared.linears)
 RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # their outputs are added to the stream
 # Outside the blocks: embed_tokens writes the residual stream, norm -> lm_head reads it.
+
+
+def compile_blocks(model: Transformer) -> Transformer:
+    """torch.compile every block of `model`, in place, and return the model (train.py and eval.py
+    --compile). Whatever the stages put in a block is compiled with it: adapters, quantizers, the
+    online Hadamard (a custom op of rotate.py's, which the compiler does not trace into).
+
+    Per block rather than the whole model ("regional compilation"): the blocks share one compiled
+    graph, their weights being its inputs, so compiling costs about one block's time whatever the
+    depth. In place (Module.compile): parameter names, state_dict, adapters, merging and checkpoints
+    stay as they are. A deepcopy is eager again (Module.__getstate__ drops the compiled call):
+    compile a copy separately. dynamic=True: batches are right-padded to a length that changes from
+    batch to batch, and a symbolic length gives one graph for all of them, not one per length.
+    Forwards with a KV cache run eagerly (Transformer.forward)."""
+    import torch._dynamo
+    import torch.fx.experimental._config
+    # The blocks of every model of a run share the graphs of Block.forward: one per kind of block
+    # (plain, LoRA, merged, quantized) x training or not x grad or not x batch of one or more.
+    # Past the default limit of 8 the compiler gives up and runs the rest eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Without this, sizes equal in the first batch share one symbol: a length that happens to equal
+    # head_dim (cos is (T, head_dim)) is specialised with it, and the next length compiles again.
+    torch.fx.experimental._config.use_duck_shape = False
+    for block in model.layers:
+        block.compile(dynamic=True)
+    return model
 
 
 def replace_module(root: nn.Module, path: str, module: nn.Module):
