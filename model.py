@@ -381,6 +381,7 @@ def compile_blocks(model: Transformer) -> Transformer:
     batch to batch, and a symbolic length gives one graph for all of them, not one per length.
     Forwards with a KV cache run eagerly (Transformer.forward)."""
     import torch._dynamo
+    import torch._inductor.config
     import torch.fx.experimental._config
     # The blocks of every model of a run share the graphs of Block.forward: one per kind of block
     # (plain, LoRA, merged, quantized) x training or not x grad or not x batch of one or more.
@@ -389,6 +390,9 @@ def compile_blocks(model: Transformer) -> Transformer:
     # Without this, sizes equal in the first batch share one symbol: a length that happens to equal
     # head_dim (cos is (T, head_dim)) is specialised with it, and the next length compiles again.
     torch.fx.experimental._config.use_duck_shape = False
+    # Dropout draws its masks from torch's generator as eager does, not from the compiler's own
+    # random numbers: a compiled run draws the masks an eager one would
+    torch._inductor.config.fallback_random = True
     for block in model.layers:
         block.compile(dynamic=True)
     return model
