@@ -52,7 +52,7 @@ from data.mirror import read_prepared_jsonl
 from data.models import load_model
 from data.wikitext2.prepare import load_test_text
 from data.options import check_options, option, option_group, parse_config
-from model import KVCache
+from model import KVCache, compile_blocks
 from quant import QuantConfig
 from rotate import RotationConfig
 
@@ -452,6 +452,8 @@ class EvalConfig:
                               "alpaca_cleaned_2000.json (never the evaluation text)")
     dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float64"))
     threads: int | None = option(None, "torch CPU threads", at_least=1)
+    compile: bool = option(False, "torch.compile the model's blocks (model.compile_blocks; a forward with the "
+                           "shared prefix's KV cache stays eager)")
     json: str = option("", "write the results to this JSON file")
 
     def __post_init__(self):
@@ -518,6 +520,8 @@ def main(argv=None):
     tasks = cfg.task_list()
     start = time.perf_counter()
     model, tokenizer, model_dir = load_and_quantize(cfg)
+    if cfg.compile:  # after rotating and quantizing: what is compiled is the model as it is scored
+        compile_blocks(model)
     results = evaluate_tasks(model, tokenizer, tasks, cfg.limit, cfg.batch_size, cfg.share_prefix,
                              cfg.bos) if tasks else {"tasks": {}, "average": None}
     ppl = seq_len = None

@@ -43,7 +43,7 @@ from data.checkpoints import (load_checkpoint_rotation, load_training_checkpoint
                               save_training_checkpoint)
 from data.mirror import read_prepared_jsonl
 from data.options import check_options, option, option_group, parse_config
-from model import save_checkpoint, write_atomically
+from model import compile_blocks, save_checkpoint, write_atomically
 
 ROOT = Path(__file__).resolve().parent
 
@@ -80,6 +80,9 @@ class TrainConfig:
     fsdp: bool = option(False, "under torchrun: shard the frozen base over the processes for fine-tuning "
                         "(FSDP2 fully_shard, one unit per block) instead of a whole copy on each; the adapters "
                         "stay replicated under DDP")
+    compile: bool = option(False, "torch.compile the blocks of the model that trains and of every evaluated one "
+                           "(model.compile_blocks; off by default: on a CPU the compile time outweighs the "
+                           "steps it saves, README 'Benchmarks')")
     device: str = option("auto", "auto, cpu or cuda[:N]")
     # checkpoints
     eval_every: int = option(20, "held-out loss every N steps", at_least=1)
@@ -132,6 +135,8 @@ class TrainConfig:
         unknown = [t for t in self.task_list() if t not in evaluation.TASKS]
         if unknown:
             raise ValueError(f"--tasks={self.tasks!r}: unknown {unknown}; known tasks: {', '.join(evaluation.TASKS)}")
+        if self.compile and self.fsdp:  # FSDP2's hooks under torch.compile have not run in this project
+            raise ValueError("--compile with --fsdp: not supported (untested together); drop one of them")
         if self.rotation.kind == "learned" and not self.rotate:
             raise ValueError("--rotation learned: add --rotate (--rotation says how R1 is chosen)")
         if self.rotate and (Path(self.model) / "rotation.json").is_file():
@@ -336,9 +341,16 @@ def shard_frozen_base(model, device: str):
 def enable_gradient_checkpointing(model):
     """Recompute each block's activations during backward instead of storing them."""
     from functools import partial
-    from torch.utils.checkpoint import checkpoint
     for block in model.layers:
-        block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = partial(checkpointed, block.forward)
+
+
+def checkpointed(forward, *args):
+    # The block's forward is this function, not torch's checkpoint itself: called from eager code,
+    # checkpoint turns the compiler off for all it runs (--compile would compile nothing); called
+    # from here, a frame the compiler traces, it is compiled with the block.
+    import torch.utils.checkpoint
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
 
 
 # -----------------------------------------------------------------------------
@@ -543,6 +555,8 @@ def evaluate_row(r: Run, model, partial: dict | None = None, save_partial=None) 
     called after each part: bench/reproduce.py uses them to continue an hour-long row."""
     cfg = r.cfg
     model.eval()
+    if cfg.compile:  # every evaluated model is another object (a quantized copy is eager again)
+        compile_blocks(model)
     row = dict(partial or {})
     save = save_partial or (lambda row: None)
     if "heldout_loss" not in row:
@@ -590,6 +604,8 @@ def finetune_stage(r: Run, model) -> dict:
         enable_gradient_checkpointing(trained)
     if sharded:
         shard_frozen_base(trained, r.device)
+    if cfg.compile:  # last: what is compiled is the block as it trains, adapters and checkpointing included
+        compile_blocks(trained)
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
     r.log(f"{cfg.lora.variant} on {cfg.lora.targets}: {n_train / 1e6:.3f}M trainable parameters"
           + (f"; the base sharded over {r.world} processes (FSDP2)" if sharded else ""))
