@@ -112,6 +112,51 @@ def test_shared_prefix_scores_equal_full_recomputation_on_a_rotated_quantized_mo
     assert max(abs(a - b) for a, b in zip(float_scores, expected)) > 1e-3
 
 
+@pytest.mark.slow  # compiles a block's forward: ~15 s on 2 busy cores with a cold inductor cache
+def test_compiled_scores_equal_eager_on_a_rotated_w4a4_model():
+    """eval.py --compile scores the same: a rotated W4A4 model with compiled blocks against the eager one,
+    with the shared prefix (whose KV-cache forwards stay eager: no graph) and without (one graph for
+    batches of every length). In float64, and without KV4: a value on the KV grid can lie exactly on a
+    rounding tie of the next activation grid (o_proj's), and a fused reduction's last-bit difference then
+    moves it by a whole step (measured: 0.32 in one log-likelihood, in float64 as in float32)."""
+    import copy
+    import quant
+    import rotate
+    from model import compile_blocks
+    from torch._dynamo.utils import counters
+    model = tiny_model(seed=7, dtype=torch.float64)
+    rotate.rotate_model(model, seed=7)
+    quant.quantize_model(model, w_bits=4, a_bits=4, w_clip_search=False, progress=False)
+    compiled = compile_blocks(copy.deepcopy(model))
+    tok = WordTokenizer()
+    requests, items = question_requests()
+    for share_prefix, new_graphs in ((True, 0), (False, 1)):
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        got = ev.loglikelihoods(compiled, tok, requests, items, batch_size=4, share_prefix=share_prefix, progress=False)
+        assert counters["stats"]["unique_graphs"] - graphs == new_graphs, share_prefix
+        assert sum(counters["graph_break"].values()) == breaks
+        expected = ev.loglikelihoods(model, tok, requests, items, batch_size=4, share_prefix=share_prefix,
+                                     progress=False)
+        assert got == pytest.approx(expected, abs=1e-10, rel=0)
+
+
+def test_compile_flag_compiles_the_model_as_it_is_scored(monkeypatch):
+    """--compile compiles the model main() scores, once it is rotated and quantized."""
+    import quant
+    import rotate
+    monkeypatch.setattr(ev, "load_model", lambda name, dtype=torch.float32, **kwargs: (tiny_model(seed=9), WordTokenizer(),
+                                                                                       Path(name)))
+    scored, compiled = [], []
+    monkeypatch.setattr(ev, "evaluate_tasks", lambda model, *args, **kwargs: scored.append(model) or {"tasks": {}})
+    monkeypatch.setattr(ev, "compile_blocks", lambda model: compiled.append(
+        (model, isinstance(model.layers[0].mlp.down_proj, quant.QuantLinear),
+         isinstance(model.layers[0].mlp.down_input_transform, rotate.OnlineHadamard))) or model)
+    ev.main(["--model", "tiny", "--tasks", "piqa", "--rotate", "--bits", "4", "--no-w-clip-search"])
+    assert not compiled
+    ev.main(["--model", "tiny", "--tasks", "piqa", "--rotate", "--bits", "4", "--no-w-clip-search", "--compile"])
+    assert compiled == [(scored[-1], True, True)]
+
+
 def test_long_context_is_truncated_from_the_left_as_the_harness_does():
     """A context longer than the model's window keeps its LAST tokens: the ones next to the
     continuation. Scores equal a direct forward over the last max_len + 1 tokens."""

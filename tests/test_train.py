@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import train
 from data import checkpoints
-from helpers import ROOT, final_adapters, tiny_model
+from helpers import ROOT, final_adapters, tiny_model, tokens
 from data.options import option_names, replace_options
 
 
@@ -278,6 +278,86 @@ def test_a_crash_while_checkpointing_leaves_latest_complete(crash, tmp_path, mon
     monkeypatch.undo()
     meta = checkpoints.load_training_checkpoint(out, model, optimizer, scheduler)
     assert meta["step"] == (1 if crash == "writing" else 2)
+
+
+# -----------------------------------------------------------------------------
+# --compile: torch.compile of the blocks (model.compile_blocks)
+
+
+def tiny_run(cfg: train.TrainConfig, tmp_path) -> train.Run:
+    """offline_run with examples for a tiny random model: 12 of 8 to 15 tokens (3 of them prompt),
+    so that each step's batch is padded to another length."""
+    r = offline_run(cfg, tmp_path)
+    g = torch.Generator().manual_seed(0)
+    lengths = (10, 12, 14, 8, 9, 11, 13, 15, 12, 10, 9, 14)
+    r.train_set = [(torch.randint(3, 128, (n,), generator=g).tolist(), 3) for n in lengths]
+    r.val_set = r.train_set[:4]
+    return r
+
+
+def test_compile_compiles_the_model_that_trains_and_every_evaluated_one(tmp_path, monkeypatch, one_thread):
+    """--compile reaches model.compile_blocks: the model that trains once its adapters are on (with
+    --qat the quantized copy, not the float model), and the model of every evaluated row."""
+    import lora
+    import quant
+    compiled = []
+    monkeypatch.setattr(train, "compile_blocks", lambda model: compiled.append((model, lora.lora_modules(model))) or model)
+    cfg = quick_config(tmp_path, compile=True, qat=True, bits=4, w_clip_search=False, max_steps=1, rank=2)
+    r = tiny_run(cfg, tmp_path)
+    model = tiny_model()
+    train.finetune_stage(r, model)
+    [(trained, adapters)] = compiled
+    assert trained is not model and len(adapters) == 2 * len(model.layers)  # q_proj, v_proj of every block
+    assert isinstance(trained.layers[0].self_attn.q_proj.base_layer, quant.QuantLinear)
+    r.tok, r.wikitext = WordTokenizer(), " ".join(f"w{i % 7}" for i in range(300))
+    train.evaluate_row(r, model)
+    assert compiled[-1][0] is model
+
+
+@pytest.mark.slow  # compiles a block's forward and backward: ~35 s on 2 busy cores with a cold inductor cache
+def test_compiled_training_equals_eager_on_a_rotated_w4a4_model(tmp_path, monkeypatch, one_thread):
+    """--compile changes no number: LoRA trained by QAT on a rotated model (R1, online R4) with W4A4 in
+    every forward (the activation quantizers pass gradients by the STE), each batch padded to another
+    length, with adapter dropout (the compiled run draws eager's masks), gives the eager run's losses,
+    logits, saved adapters and merged weights. In float64, where a
+    fused reduction's last-bit difference does not move a value across a rounding tie of the grid.
+    One graph serves every step (the lengths are symbolic), and nothing breaks it (the online Hadamard
+    is a custom op). No held-out examples: the graph of an evaluation would double the compile time,
+    and tests/test_eval.py compiles one."""
+    import quant
+    import rotate
+    from safetensors.torch import load_file
+    from torch._dynamo.utils import counters
+    trained = []  # the quantized copies that train
+    real_finetune = train.finetune
+    monkeypatch.setattr(train, "finetune", lambda run, model: trained.append(model) or real_finetune(run, model))
+    runs = {}
+    for compile in (False, True):
+        cfg = quick_config(tmp_path, compile=compile, qat=True, bits=4, w_clip_search=False, max_steps=3,
+                           batch_size=4, eval_every=3, save_every=3, lr=1e-2, dropout=0.1)
+        (tmp_path / f"compile={compile}").mkdir()
+        r = tiny_run(cfg, tmp_path / f"compile={compile}")
+        r.val_set = []
+        model = tiny_model(dtype=torch.float64, num_hidden_layers=1)
+        rotate.rotate_model(model, seed=0)
+        graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        history = train.finetune_stage(r, model)
+        torch.manual_seed(1)  # the dropout masks of this forward
+        logits = trained[-1].train()(tokens(3, 11)).detach()  # with grad, in train mode: the training graph
+        graphs, breaks = counters["stats"]["unique_graphs"] - graphs, sum(counters["graph_break"].values()) - breaks
+        assert (graphs, breaks) == ((1, 0) if compile else (0, 0))
+        assert isinstance(trained[-1].layers[0].mlp.down_proj.input_quantizer, quant.ActQuantizer)
+        assert isinstance(trained[-1].layers[0].mlp.down_input_transform, rotate.OnlineHadamard)
+        train.merge_stage(r, model)  # saves the adapters, then merges them into the float model
+        runs[compile] = dict(history=history, logits=logits, merged=model.state_dict(),
+                             adapters=load_file(r.out / "adapters" / "adapter_model.safetensors"))
+    eager, compiled = runs[False], runs[True]
+    assert compiled["history"]["train_loss"] == pytest.approx(eager["history"]["train_loss"], rel=1e-6, abs=0)
+    torch.testing.assert_close(compiled["logits"], eager["logits"], rtol=0, atol=1e-6)
+    for what in ("adapters", "merged"):
+        assert compiled[what].keys() == eager[what].keys()
+        for key in eager[what]:
+            torch.testing.assert_close(compiled[what][key], eager[what][key], rtol=0, atol=1e-6, msg=key)
 
 
 # -----------------------------------------------------------------------------
