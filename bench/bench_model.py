@@ -2,15 +2,19 @@
 
 Same config (SmolLM2-135M shape by default), same weights, same dtype, same inputs, measured
 in the same run. Each implementation runs in its own subprocess so that its peak resident
-memory (ru_maxrss) is its own.
+memory (ru_maxrss) is its own. "ours compiled" is ours with compiled blocks (model.compile_blocks,
+eval.py/train.py --compile); its first forward and first forward+backward, which compile (from a
+cold cache, as a first run does), are reported apart from the timed iterations.
 
     python bench/bench_model.py                      # fp32, CPU, batch 4 x 256 tokens
     python bench/bench_model.py --batch 1 --seq 512 --threads 2
 """
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +45,31 @@ class MeasureConfig:
 class BenchModelConfig:
     measure: MeasureConfig = option_group(MeasureConfig, "what is timed")
     impl: str | None = option(None, "internal: measure this implementation only and print its JSON (how "
-                              "the script re-invokes itself in a subprocess)", choices=("ours", "transformers"))
+                              "the script re-invokes itself in a subprocess)", choices=("ours", "ours+compile", "transformers"))
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def run_worker(script: str, impl: str, argv=None) -> dict:
+    """`script --impl impl` in a subprocess: the JSON it prints. ours+compile gets an empty inductor
+    cache of its own, so that its first call measures a cold compile, as a first run pays it."""
+    cmd = [sys.executable, script, "--impl", impl] + (sys.argv[1:] if argv is None else list(argv))
+    with tempfile.TemporaryDirectory(prefix="bench-inductor-") as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache) if impl == "ours+compile" else None
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def build(impl: str, config: ModelConfig, dtype):
     torch.manual_seed(0)
     ours = Transformer(config).to(dtype)
     if impl == "ours":
+        return ours, lambda idx: ours(idx)
+    if impl == "ours+compile":
+        from model import compile_blocks
+        compile_blocks(ours)
         return ours, lambda idx: ours(idx)
     from transformers import LlamaConfig, LlamaForCausalLM
     hf = LlamaForCausalLM(LlamaConfig(**config.to_hf())).to(dtype)
@@ -72,7 +90,9 @@ def worker(args):
 
     model.eval()
     with torch.no_grad():
-        run(idx)  # warm-up
+        t = time.perf_counter()
+        run(idx)  # warm-up; for ours+compile, the compile of the forward
+        result["forward_first_s"] = time.perf_counter() - t
         t = time.perf_counter()
         for _ in range(args.measure.iters):
             logits = run(idx)
@@ -84,7 +104,9 @@ def worker(args):
     loss_fn = torch.nn.functional.cross_entropy
     for p in model.parameters():
         p.grad = None
-    loss_fn(run(idx).flatten(0, 1), idx.flatten()).backward()  # warm-up
+    t = time.perf_counter()
+    loss_fn(run(idx).flatten(0, 1), idx.flatten()).backward()  # warm-up; ours+compile: forward+backward's compile
+    result["fwd_bwd_first_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.measure.iters):
         for p in model.parameters():
@@ -100,21 +122,20 @@ def main(argv=None):
     if args.impl:
         return worker(args)
 
-    results = {}
-    for impl in ("ours", "transformers"):
-        cmd = [sys.executable, __file__, "--impl", impl] + (sys.argv[1:] if argv is None else list(argv))
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[impl] = json.loads(out.strip().splitlines()[-1])
-    ours, hf = results["ours"], results["transformers"]
+    results = {impl: run_worker(__file__, impl, argv) for impl in ("ours", "ours+compile", "transformers")}
+    ours, compiled, hf = results["ours"], results["ours+compile"], results["transformers"]
     print(f"SmolLM2-135M shape, {args.measure.dtype}, batch {args.measure.batch} x {args.measure.seq} tokens, "
           f"{args.measure.threads} threads, {args.measure.iters} iterations")
-    print(f"{'metric':<28}{'ours':>12}{'transformers':>14}{'ratio':>8}")
+    print(f"{'metric':<28}{'ours':>12}{'ours compiled':>15}{'transformers':>14}{'ratio':>8}{'ratio compiled':>16}")
     for key, better in [("forward_tok_s", "higher"), ("fwd_bwd_tok_s", "higher"),
                         ("peak_rss_forward_mib", "lower"), ("peak_rss_train_mib", "lower")]:
-        ratio = ours[key] / hf[key] if better == "higher" else hf[key] / ours[key]
-        print(f"{key:<28}{ours[key]:>12.1f}{hf[key]:>14.1f}{ratio:>8.2f}")
+        ratios = [x[key] / hf[key] if better == "higher" else hf[key] / x[key] for x in (ours, compiled)]
+        print(f"{key:<28}{ours[key]:>12.1f}{compiled[key]:>15.1f}{hf[key]:>14.1f}{ratios[0]:>8.2f}{ratios[1]:>16.2f}")
     print("ratio > 1 means ours is better (faster, or less memory); "
-          f"same weights: logits checksum {ours['checksum']:.4f} vs {hf['checksum']:.4f}")
+          f"same weights: logits checksum {ours['checksum']:.4f} (compiled {compiled['checksum']:.4f}) "
+          f"vs {hf['checksum']:.4f}")
+    print(f"first call, compiling: forward {compiled['forward_first_s']:.1f} s, forward+backward "
+          f"{compiled['fwd_bwd_first_s']:.1f} s (eager: {ours['forward_first_s']:.1f} s, {ours['fwd_bwd_first_s']:.1f} s)")
 
 
 if __name__ == "__main__":

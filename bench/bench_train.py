@@ -2,15 +2,16 @@
 
 Same config (SmolLM2-135M shape by default), same weights, LoRA r=16 on q_proj/v_proj, AdamW,
 same batch and dtype, measured in the same run; each implementation in its own subprocess so
-that its peak resident memory (ru_maxrss) is its own. A third run rotates our model first
-(online Hadamard on the down_proj input, R4) and reports what share of the step it costs.
+that its peak resident memory (ru_maxrss) is its own. A third run compiles our blocks
+(model.compile_blocks, train.py --compile): its first step, which compiles, is reported apart from
+the steady-state steps. A fourth rotates our model first (online Hadamard on the down_proj input,
+R4) and reports what share of the step it costs.
 
     python bench/bench_train.py                          # CPU fp32, batch 4 x 256
     python bench/bench_train.py --shape llama2-7b --dtype bfloat16 --batch 8 --seq 1024 --layers 32   # on a GPU
 """
 import json
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_model import MeasureConfig  # noqa: E402  (bench/ is this script's folder)
+from bench_model import MeasureConfig, run_worker  # noqa: E402  (bench/ is this script's folder)
 from data.options import option, option_group, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
@@ -49,13 +50,13 @@ class BenchTrainConfig:
                                 zero_means_all=True)
     measure: MeasureConfig = option_group(MeasureConfig, "what is timed (per training step)")
     impl: str | None = option(None, "internal: measure this implementation only and print its JSON (how "
-                              "the script re-invokes itself in a subprocess)", choices=("ours", "ours+rotate", "peft"))
+                              "the script re-invokes itself in a subprocess)", choices=("ours", "ours+compile", "ours+rotate", "peft"))
 
 
 def build(impl: str, config: ModelConfig, dtype, device):
     torch.manual_seed(0)
     ours = Transformer(config).to(dtype)
-    if impl in ("ours", "ours+rotate"):
+    if impl in ("ours", "ours+compile", "ours+rotate"):
         import lora
         record = None
         if impl == "ours+rotate":
@@ -65,6 +66,9 @@ def build(impl: str, config: ModelConfig, dtype, device):
         lora.add_lora(ours, ("q_proj", "v_proj"), rank=16, alpha=16)
         lora.mark_only_lora_trainable(ours)
         ours.to(device)
+        if impl == "ours+compile":  # as train.py --compile: after the adapters
+            from model import compile_blocks
+            compile_blocks(ours)
         return ours, (lambda idx: ours(idx)), record
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -105,17 +109,19 @@ def worker(args):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    step()  # warm-up (and the optimizer state)
+    t = time.perf_counter()
+    step()  # warm-up (and the optimizer state); for ours+compile, the compile
     if device == "cuda":
         torch.cuda.synchronize()
+    first_step_s = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(args.measure.iters):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - t) / args.measure.iters
-    result = {"tok_s": args.measure.batch * args.measure.seq / seconds, "step_s": seconds, "peak_mib": peak_memory_mib(device),
-              "trainable": sum(p.numel() for p in params)}
+    result = {"tok_s": args.measure.batch * args.measure.seq / seconds, "step_s": seconds, "first_step_s": first_step_s,
+              "peak_mib": peak_memory_mib(device), "trainable": sum(p.numel() for p in params)}
     if args.impl == "ours+rotate":  # time the online Hadamard alone, forward + backward, on its real input size
         import rotate
         x = torch.randn(args.measure.batch, args.measure.seq, config.intermediate_size, dtype=dtype, device=device, requires_grad=True)
@@ -133,19 +139,22 @@ def main(argv=None):
     if args.impl:
         return worker(args)
 
-    results = {}
-    for impl in ("ours", "peft", "ours+rotate"):
-        cmd = [sys.executable, __file__, "--impl", impl] + (sys.argv[1:] if argv is None else list(argv))
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[impl] = json.loads(out.strip().splitlines()[-1])
-    ours, peft, rot = results["ours"], results["peft"], results["ours+rotate"]
+    results = {impl: run_worker(__file__, impl, argv) for impl in ("ours", "ours+compile", "peft", "ours+rotate")}
+    ours, compiled, peft, rot = results["ours"], results["ours+compile"], results["peft"], results["ours+rotate"]
     print(f"LoRA r=16 on q_proj,v_proj, {args.shape} shape, {args.measure.dtype}, batch {args.measure.batch} x {args.measure.seq}, "
           f"{args.measure.threads} threads, {args.measure.iters} steps")
-    print(f"{'':<22}{'ours':>12}{'transformers+peft':>20}{'ratio':>8}")
-    print(f"{'train tokens/s':<22}{ours['tok_s']:>12.1f}{peft['tok_s']:>20.1f}{ours['tok_s'] / peft['tok_s']:>8.2f}")
-    print(f"{'peak memory MiB':<22}{ours['peak_mib']:>12.1f}{peft['peak_mib']:>20.1f}{peft['peak_mib'] / ours['peak_mib']:>8.2f}")
-    print(f"{'trainable params':<22}{ours['trainable']:>12}{peft['trainable']:>20}")
+    print(f"{'':<22}{'ours':>12}{'ours compiled':>15}{'transformers+peft':>20}{'ratio':>8}{'ratio compiled':>16}")
+    print(f"{'train tokens/s':<22}{ours['tok_s']:>12.1f}{compiled['tok_s']:>15.1f}{peft['tok_s']:>20.1f}"
+          f"{ours['tok_s'] / peft['tok_s']:>8.2f}{compiled['tok_s'] / peft['tok_s']:>16.2f}")
+    print(f"{'peak memory MiB':<22}{ours['peak_mib']:>12.1f}{compiled['peak_mib']:>15.1f}{peft['peak_mib']:>20.1f}"
+          f"{peft['peak_mib'] / ours['peak_mib']:>8.2f}{peft['peak_mib'] / compiled['peak_mib']:>16.2f}")
+    print(f"{'trainable params':<22}{ours['trainable']:>12}{compiled['trainable']:>15}{peft['trainable']:>20}")
     print("ratio > 1: ours faster / smaller.")
+    saved = ours["step_s"] - compiled["step_s"]
+    print(f"compiled: first step {compiled['first_step_s']:.1f} s (it compiles; eager's first step: "
+          f"{ours['first_step_s']:.1f} s), then {compiled['step_s']:.2f} s a step against {ours['step_s']:.2f} s eager"
+          + (f": the compile pays for itself after {(compiled['first_step_s'] - ours['first_step_s']) / saved:.0f} steps"
+             if saved > 0 else ": no faster, the compile never pays for itself"))
     share = rot["hadamard_s_per_step"] / rot["step_s"]
     print(f"rotated (R4 online Hadamard): {rot['tok_s']:.1f} tokens/s ({rot['tok_s'] / ours['tok_s']:.2f}x "
           f"unrotated); the Hadamard alone (fwd+bwd, all layers) is {100 * share:.1f}% of the step")
