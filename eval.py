@@ -24,8 +24,10 @@ causal), one forward per batch. The choices of an item share their context, so b
 the shared token prefix runs once and its KV cache is reused by every choice (a batch shares
 the shortest prefix of its items; exact whenever every module acts per token: true for the
 float model and for quant.py's per-token activation and KV quantizers; --no-share-prefix
-turns it off). Only the scored positions reach lm_head. data/harness.py puts this scorer behind
-lm-evaluation-harness's model interface, for the harness's own tasks.
+turns it off). Only the scored positions reach lm_head. --compile compiles the blocks
+(model.compile_blocks); the forwards that read a shared prefix's KV cache stay eager.
+data/harness.py puts this scorer behind lm-evaluation-harness's model interface, for the
+harness's own tasks.
 
 Run:
     python eval.py --model smollm2-135m-instruct --limit 100

@@ -2,7 +2,8 @@
 
 One file, read top to bottom: the configuration, the building blocks (RMSNorm, rotary
 embeddings, grouped-query attention, SwiGLU), the Transformer with a KV-cache `generate`,
-loading and saving the Hugging Face layout (config.json + safetensors), and the tokenizer.
+`compile_blocks` (torch.compile, block by block), loading and saving the Hugging Face layout
+(config.json + safetensors), and the tokenizer.
 
 This file knows nothing of rotation, quantization or LoRA. Those stages (rotate.py,
 quant.py, lora.py) take a model and change it: they read the block's structure from
