@@ -103,6 +103,7 @@ BAD_FLAGS = [
     (["--data", "nope"], "--data nope: no data/nope/prepare.py"),
     (["--device", "tpu"], "--device='tpu': must be auto, cpu or cuda[:N]"),
     (["--rotation", "learned"], "--rotation learned: add --rotate"),
+    (["--compile", "--fsdp"], "--compile with --fsdp: not supported"),
     (["--rotate", "--rotation", "trained"], "--kind='trained': must be one of random, learned"),
 ]
 
