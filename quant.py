@@ -142,15 +142,15 @@ def fake_quantize(x: torch.Tensor, bits: int, granularity: str = "row", group_si
 # 2. Weight quantizers: round-to-nearest (with MSE clip search) and GPTQ
 
 @torch.no_grad()
-def mse_clip_scale_zero(rows: torch.Tensor, bits: int, symmetric: bool = True, norm: float = 2.4,
-                        grid: int = 100, max_shrink: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the clip ratio p in 1.00, 0.99, ..., 0.21 whose grid gives the least
+def mse_clip_ratio(rows: torch.Tensor, bits: int, symmetric: bool = True, norm: float = 2.4,
+                   grid: int = 100, max_shrink: float = 0.8) -> torch.Tensor:
+    """Per row (rows, 1), the clip ratio p in 1.00, 0.99, ..., 0.21 whose grid gives the least
     sum |x - Q(x)|^norm, as GPTQ/QuaRot's Quantizer.find_params(mse=True): clipping a few
     large weights buys a finer grid for all the others."""
     qmin, qmax = integer_range(bits, symmetric)
     xmin, xmax = torch.aminmax(rows, dim=1, keepdim=True)
-    best_scale, best_zero = _grid_of_range(xmin, xmax, bits, symmetric)
-    best_err = torch.full_like(best_scale, float("inf"))
+    best_ratio = torch.ones_like(xmin)
+    best_err = torch.full_like(xmin, float("inf"))
     for i in range(int(max_shrink * grid)):
         shrink = 1 - i / grid
         scale, zero = _grid_of_range(xmin * shrink, xmax * shrink, bits, symmetric)
@@ -158,31 +158,48 @@ def mse_clip_scale_zero(rows: torch.Tensor, bits: int, symmetric: bool = True, n
         err = err.sub_(rows).abs_().pow_(norm).sum(1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+        best_ratio = torch.where(better, shrink, best_ratio)
+    return best_ratio
+
+
+def mse_clip_scale_zero(rows: torch.Tensor, bits: int, symmetric: bool = True, **search) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid (scale, zero), each (rows, 1), of mse_clip_ratio's clip ratios."""
+    xmin, xmax = torch.aminmax(rows, dim=1, keepdim=True)
+    ratio = mse_clip_ratio(rows, bits, symmetric, **search)
+    return _grid_of_range(xmin * ratio, xmax * ratio, bits, symmetric)
+
+
+def weight_clip_ratio(weight: torch.Tensor, bits: int, group_size: int | None = None,
+                      symmetric: bool = True) -> torch.Tensor:
+    """mse_clip_ratio of a weight (out, in), per output channel or group: (rows, 1). The search
+    makes 80 passes: chunks of rows that stay in cache make it ~2x faster."""
+    rows = group_rows(weight, "row" if group_size is None else "group", group_size).float()
+    return torch.cat([mse_clip_ratio(chunk, bits, symmetric) for chunk in rows.split(max(1, 2 ** 18 // rows.shape[1]))])
 
 
 def weight_scale_zero(weight: torch.Tensor, bits: int, group_size: int | None = None,
-                      symmetric: bool = True, clip_search: bool = True):
-    """Grid of a weight (out, in): per output channel, or per group of `group_size` inputs."""
+                      symmetric: bool = True, clip_search: bool = True, clip_ratio: torch.Tensor | None = None):
+    """Grid of a weight (out, in): per output channel, or per group of `group_size` inputs;
+    clipped by the MSE search, or by given per-row ratios `clip_ratio` (rows, 1), or not at all."""
     rows = group_rows(weight, "row" if group_size is None else "group", group_size).float()
-    if not clip_search:
+    if clip_ratio is None and not clip_search:
         return compute_scale_zero(rows, bits, symmetric)
-    # the search makes 80 passes: chunks of rows that stay in cache make it ~2x faster
-    chunks = [mse_clip_scale_zero(chunk, bits, symmetric) for chunk in rows.split(max(1, 2 ** 18 // rows.shape[1]))]
-    return torch.cat([scale for scale, _ in chunks]), torch.cat([zero for _, zero in chunks])
+    if clip_ratio is None:
+        clip_ratio = weight_clip_ratio(weight, bits, group_size, symmetric)
+    xmin, xmax = torch.aminmax(rows, dim=1, keepdim=True)
+    return _grid_of_range(xmin * clip_ratio, xmax * clip_ratio, bits, symmetric)
 
 
 def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None = None,
                         symmetric: bool = True, clip_search: bool = True,
-                        return_grid: bool = False) -> "torch.Tensor | WeightOnGrid":
+                        return_grid: bool = False, clip_ratio: torch.Tensor | None = None) -> "torch.Tensor | WeightOnGrid":
     """Round-to-nearest weight quantization; returns the dequantized weight (same dtype), or
-    with return_grid a WeightOnGrid of a weight (out, in).
+    with return_grid a WeightOnGrid of a weight (out, in). clip_ratio (rows, 1): fixed clip
+    ratios instead of the search (rotate.learn_rotation re-searches them now and then).
     Differentiable by the straight-through estimator (the grid is chosen without gradient)."""
     check_bits(bits, "w_bits")
     rows = group_rows(weight, "row" if group_size is None else "group", group_size)
-    scale, zero = weight_scale_zero(weight.detach(), bits, group_size, symmetric, clip_search)  # (rows, 1)
+    scale, zero = weight_scale_zero(weight.detach(), bits, group_size, symmetric, clip_search, clip_ratio)  # (rows, 1)
     qmin, qmax = integer_range(bits, symmetric)
     out = round_to_grid(rows.float(), scale, None if symmetric else zero, qmin, qmax)
     out = out.reshape(weight.shape).to(weight.dtype)

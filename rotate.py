@@ -42,7 +42,7 @@ from data.wikitext2.prepare import load_test_text
 from data.models import load_model
 from data.options import option, option_group, parse_config
 from model import BLOCK_INPUTS, RESIDUAL_WRITERS
-from quant import QuantConfig, quantize_model  # a learned rotation is learned under the quantizers
+from quant import QuantConfig, QuantLinear, quantize_model, quantize_weight_rtn, weight_clip_ratio  # a learned rotation is learned under the quantizers
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches
@@ -198,6 +198,9 @@ class RotationConfig:
     learn_seq_len: int = option(512, "with --rotation learned: tokens per calibration window (SpinQuant: 2048)",
                                 at_least=2)
     learn_batch_size: int = option(2, "with --rotation learned: windows per step (SpinQuant: 8)", at_least=1)
+    learn_clip_every: int = option(0, "with --rotation learned and RTN weights: learn under the MSE clip search, "
+                                   "its per-row clip ratios searched again every N steps (0: a min-max grid)",
+                                   at_least=0)
 
     def layout(self) -> dict:
         """rotate_model's options: which rotations there are (not how R1 and R2 are chosen)."""
@@ -551,6 +554,20 @@ def _quantized_without_r1(model, quant: QuantConfig, online_down_proj: bool, rot
     return work.requires_grad_(False).eval()
 
 
+def _fixed_clip_ratios(work, quant: QuantConfig) -> dict:
+    """{weight name: per-row clip ratios (rows, 1)}, one tensor per weight that is quantized at every
+    forward, which its quantizer reads from now on (learn_rotation fills them in place)."""
+    ratios = {}
+    for name, module in work.named_modules():
+        if isinstance(module, QuantLinear) and module.weight_quantizer is not None:
+            n_rows = module.weight.shape[0] * (1 if quant.w_group_size is None else
+                                               module.weight.shape[1] // quant.w_group_size)
+            ratios[f"{name}.weight"] = ratio = torch.ones(n_rows, 1, device=module.weight.device)
+            module.weight_quantizer = functools.partial(quantize_weight_rtn, bits=quant.w_bits, group_size=quant.w_group_size,
+                                              symmetric=quant.w_symmetric, clip_ratio=ratio)
+    return ratios
+
+
 def rotated_weights(frozen: dict, config, r1: torch.Tensor, r2: torch.Tensor | None) -> dict:
     """{name: rotated weight} for every weight R1 (and R2) change, differentiable in r1 and r2."""
     dtype = frozen["embed_tokens.weight"].dtype
@@ -563,17 +580,22 @@ def rotated_weights(frozen: dict, config, r1: torch.Tensor, r2: torch.Tensor | N
 
 def learn_rotation(model, calibration: torch.Tensor, quant: QuantConfig, steps: int = 20, lr: float = 0.05,
                    seed: int = 0, learn_r2: bool = False, online_down_proj: bool = True, rotate_qk: bool = False,
-                   batch_size: int = 2, progress: bool = True) -> LearnedRotation:
+                   batch_size: int = 2, progress: bool = True, clip_every: int = 0) -> LearnedRotation:
     """R1 (and with learn_r2 one R2 per layer), learned from the seed's Hadamards by `steps` Cayley
     SGD steps (step size lr, cosine-decayed to 0) on the quantized model's mean next-token loss
     over `batch_size` windows of `calibration` (N, T) per step (training text, never the
     evaluation text). `model` is a plain model and is not changed; rotate it with
-    rotate_model(..., rotate_ov=learn_r2, learned=...)."""
+    rotate_model(..., rotate_ov=learn_r2, learned=...).
+    clip_every > 0 (RTN weights with quant.w_clip_search): the weights are rounded on the grids the
+    MSE clip search would give, their per-row clip ratios searched again every clip_every steps
+    (a search is 80 passes over every weight, too slow for every step); 0: a min-max grid."""
     _check_plain(model, "learn_rotation")
     start = time.perf_counter()
     work = _quantized_without_r1(model, quant, online_down_proj, rotate_qk)
     cfg, device = work.config, work.embed_tokens.weight.device
     frozen = {name: p for name, p in work.named_parameters()}
+    searched = quant.w_method == "rtn" and quant.w_bits < 16 and quant.w_clip_search and clip_every > 0
+    clip_ratios = _fixed_clip_ratios(work, quant) if searched else {}
     # float64 master copies: thousands of Cayley steps would not move them off the group either
     r1 = random_hadamard(cfg.hidden_size, seed).to(device)
     # R2's start is rotate_values_per_head's Hadamard: v -> v M^T for every head of every layer
@@ -583,6 +605,12 @@ def learn_rotation(model, calibration: torch.Tensor, quant: QuantConfig, steps: 
     losses, sizes = [], []  # per step: the loss, |A| of R1
     bar = tqdm(range(steps), desc="learn rotation", dynamic_ncols=True, disable=not progress)
     for step in bar:
+        if clip_ratios and step % clip_every == 0:  # the grids the clip search gives the weights of now
+            with torch.no_grad():
+                now = rotated_weights(frozen, cfg, r1, r2)
+                for name, ratio in clip_ratios.items():
+                    ratio.copy_(weight_clip_ratio(now.get(name, frozen[name]), quant.w_bits, quant.w_group_size,
+                                                  quant.w_symmetric))
         rows = [(step * batch_size + j) % len(calibration) for j in range(batch_size)]  # cycle the windows
         batch = calibration[rows]
         leaves = [r.clone().requires_grad_() for r in (r1, r2) if r is not None]
@@ -603,13 +631,15 @@ def learn_rotation(model, calibration: torch.Tensor, quant: QuantConfig, steps: 
         if r is not None and orthogonality_error(r) > 1e-8:  # float64: ~1e-14 after hundreds of steps
             raise AssertionError(f"learn_rotation: {name} left the orthogonal group ({orthogonality_error(r):.1e})")
     info = {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "windows": len(calibration),
-            "seq_len": calibration.shape[1], "quantized_as": _learned_under(quant), "loss": losses,
+            "seq_len": calibration.shape[1], "quantized_as": _learned_under(quant, clip_every if searched else 0),
+            "loss": losses,
             "r1_gradient": sizes, "seconds": round(time.perf_counter() - start, 1)}
     return LearnedRotation(r1.cpu(), r2.cpu() if r2 is not None else None, info)
 
 
-def _learned_under(quant: QuantConfig) -> str:
-    weights = f"W{quant.w_bits} RTN min-max" if quant.w_method == "rtn" and quant.w_bits < 16 else "W16"
+def _learned_under(quant: QuantConfig, clip_every: int = 0) -> str:
+    clip = f"MSE clip searched every {clip_every} steps" if clip_every else "min-max"
+    weights = f"W{quant.w_bits} RTN {clip}" if quant.w_method == "rtn" and quant.w_bits < 16 else "W16"
     return f"{weights}, A{quant.a_bits}" + (f", KV{quant.kv_bits}" if quant.kv_bits < 16 else "")
 
 

@@ -520,7 +520,7 @@ def rotate_stage(r: Run, model):
             r.learned = rotate.learn_rotation(
                 model, r.rotation_calibration, cfg.quant, rot.learn_steps, rot.learn_lr, cfg.seed,
                 learn_r2=rot.rotate_ov, online_down_proj=rot.online_down_proj, rotate_qk=rot.rotate_qk,
-                batch_size=rot.learn_batch_size, progress=r.is_main)
+                batch_size=rot.learn_batch_size, progress=r.is_main, clip_every=rot.learn_clip_every)
             r.learned = same_on_every_rank(r, r.learned)
             loss = r.learned.info["loss"] or [float("nan")]
             r.log(f"learned R1{'+R2' if rot.rotate_ov else ''} in {rot.learn_steps} steps "

@@ -87,7 +87,8 @@ def learned_name(variant: str, method: str, args) -> str:
     """The row's key in results.json, with every setting that changes the learned matrices."""
     r = args.rotation
     return (f"{variant} for {method}: {r.learn_steps} steps, lr {r.learn_lr}, {r.learn_windows}x{r.learn_seq_len} "
-            f"tokens, batch {r.learn_batch_size}, from seed {args.seed}")
+            f"tokens, batch {r.learn_batch_size}, from seed {args.seed}"
+            + (f", clip searched every {r.learn_clip_every} steps" if r.learn_clip_every and method == "rtn" else ""))
 
 
 class Results:
@@ -127,7 +128,8 @@ def learned_rotation(base, args, results: Results, variant: str, method: str, le
     print(f"learning {name}", flush=True)
     learned = learn_rotation(base, learn_windows, dataclasses.replace(args.quant, w_bits=4, a_bits=4, w_method=method),
                              r.learn_steps, r.learn_lr, args.seed, learn_r2=variant == "r1r2",
-                             online_down_proj=r.online_down_proj, batch_size=r.learn_batch_size)
+                             online_down_proj=r.online_down_proj, batch_size=r.learn_batch_size,
+                             clip_every=r.learn_clip_every)
     folder.mkdir(parents=True, exist_ok=True)
     save_learned_rotation(learned, folder)
     return learned

@@ -528,6 +528,35 @@ def test_learning_starts_at_the_seeds_hadamard_and_lowers_the_quantized_calibrat
     assert before_gptq.info["quantized_as"] == "W16, A4"
 
 
+def test_learning_under_the_clip_search_starts_at_its_grids_researches_them_and_lowers_its_loss(monkeypatch):
+    """clip_every: the weights are rounded on the MSE clip search's grids (the RTN that follows by
+    default), the per-row clip ratios searched again every clip_every steps: the first loss is that
+    of the Hadamard model quantized by quantize_model's default RTN, and learning lowers it."""
+    model = tiny_model(seed=1)
+    windows = calibration()
+
+    def clip_searched_loss(learned):
+        rotated = copy.deepcopy(model)
+        rotate_model(rotated, seed=0, learned=learned)
+        quantize_model(rotated, w_bits=3, a_bits=4)  # RTN with the clip search, the default
+        with torch.no_grad():
+            return F.cross_entropy(rotated(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten()).item()
+
+    rtn = QuantConfig(w_bits=3, a_bits=4)
+    searches = []
+    real_search = rotate.weight_clip_ratio
+    monkeypatch.setattr(rotate, "weight_clip_ratio", lambda *a: searches.append(1) or real_search(*a))
+    learned = learn(model, rtn, steps=10, lr=1.0, clip_every=4)
+    n_weights = 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down of every block
+    assert len(searches) == 3 * n_weights  # at steps 0, 4 and 8
+    start, end = clip_searched_loss(None), clip_searched_loss(learned)
+    print(f"W3A4 RTN, clip search: quantized calibration loss {start:.4f} -> {end:.4f}")
+    assert learned.info["loss"][0] == pytest.approx(start, rel=1e-5)
+    assert learned.info["loss"][0] != pytest.approx(learn(model, rtn, steps=1).info["loss"][0], rel=1e-4)  # min-max
+    assert end < start - 0.05
+    assert learned.info["quantized_as"] == "W3 RTN MSE clip searched every 4 steps, A4"
+
+
 def test_save_and_reload_a_learned_rotation_give_identical_logits(tmp_path):
     from data.models import load_weights
     from data.models.quantized import save_quantized

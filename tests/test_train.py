@@ -595,7 +595,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch, stori
 
 
 LEARNED = dict(rotate=True, kind="learned", learn_steps=3, learn_windows=4, learn_seq_len=64, learn_batch_size=2,
-               w_bits=4, a_bits=4, rotate_ov=True)
+               learn_clip_every=2, w_bits=4, a_bits=4, rotate_ov=True)
 
 
 @pytest.mark.slow
@@ -604,6 +604,7 @@ def test_learned_rotation_is_saved_with_the_run_and_resume_reuses_it(tmp_path, m
     expected = train.run(straight)
     record = expected["rotation"]
     assert record["r1"] == "learned" and record["learned"]["r2"] and len(record["learned"]["loss"]) == 3
+    assert record["learned"]["quantized_as"] == "W4 RTN MSE clip searched every 2 steps, A4"
     ckpt = tmp_path / "a" / "run" / (tmp_path / "a" / "run" / "latest").read_text().strip()
     learned = checkpoints.load_checkpoint_rotation(tmp_path / "a" / "run")
     assert (ckpt / "rotation.safetensors").is_file() and learned.digest() == record["learned"]["sha256"]
