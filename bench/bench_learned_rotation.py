@@ -7,6 +7,7 @@ tokens), W4A4 with RTN weights (MSE clip search) and with GPTQ weights (calibrat
   r1        R1 learned from seed --seed's Hadamard by rotate.learn_rotation: once for RTN (W4 RTN
             and A4 under the loss) and once for GPTQ (W16 and A4 under the loss, as SpinQuant);
   r1r2      the same with R2 (one per layer, folded into v_proj and o_proj) learned too;
+  r1-w16    the R1 learned for GPTQ (W16 A4 under the loss), measured with RTN weights too;
   random-r2 random-Hadamard R1 and Hadamard R2, per seed (not run unless asked).
 Learning reads --learn-windows x --learn-seq-len tokens of the same Alpaca text (never WikiText)
 and takes --learn-steps steps of --learn-batch-size windows.
@@ -42,7 +43,7 @@ from model import write_atomically  # noqa: E402
 from quant import QuantConfig, calibration_windows, quantize_model  # noqa: E402
 from rotate import LEARNED_ROTATION_FILE, RotationConfig, learn_rotation, rotate_model  # noqa: E402
 
-VARIANTS = ("random", "random-r2", "r1", "r1r2")
+VARIANTS = ("random", "random-r2", "r1", "r1r2", "r1-w16")
 SET_HERE = ("w_bits", "a_bits", "w_method", "quantize_weight_every_forward")  # quant options this bench sets
 ROTATION_SET_HERE = ("kind", "rotate_ov", "rotate_qk")
 
@@ -88,7 +89,8 @@ def learned_name(variant: str, method: str, args) -> str:
     r = args.rotation
     return (f"{variant} for {method}: {r.learn_steps} steps, lr {r.learn_lr}, {r.learn_windows}x{r.learn_seq_len} "
             f"tokens, batch {r.learn_batch_size}, from seed {args.seed}"
-            + (f", clip searched every {r.learn_clip_every} steps" if r.learn_clip_every and method == "rtn" else ""))
+            + (f", clip searched every {r.learn_clip_every} steps"
+               if r.learn_clip_every and method == "rtn" and variant != "r1-w16" else ""))
 
 
 class Results:
@@ -120,6 +122,8 @@ def w4a4(base, args, perplexity, method: str, learned, seed: int, rotate_ov: boo
 def learned_rotation(base, args, results: Results, variant: str, method: str, learn_windows):
     """The learned rotation of this variant and method: read back from <out>/<slug>/ if an earlier run
     learned it, else learned now and saved at once."""
+    if variant == "r1-w16":  # the R1 learned for GPTQ, whatever quantizes the weights afterwards
+        variant, method = "r1", "gptq"
     name = learned_name(variant, method, args)
     folder = results.folder / "".join(c if c.isalnum() else "-" for c in name)
     if (folder / LEARNED_ROTATION_FILE).is_file():
@@ -153,7 +157,7 @@ def run(args):
                         print(f"{name}: {results.rows[name]}", flush=True)
                 continue
             name = learned_name(variant, method, args)
-            if name in results.rows:
+            if name in results.rows or (variant, method) == ("r1-w16", "gptq"):  # the latter: the r1 row
                 continue
             learned = learned_rotation(base, args, results, variant, method, learn_windows)
             row = w4a4(base, args, perplexity, method, learned, args.seed, variant == "r1r2", gptq_windows)
@@ -179,7 +183,7 @@ def print_table(results: Results, args):
             print(f"| {label}, min / median / max | {spread(ppl['rtn'])} | {spread(ppl['gptq'])} | - | - |")
     learned = {}
     for name, row in rows.items():
-        if name.startswith(("r1 for ", "r1r2 for ")):
+        if name.startswith(("r1 for ", "r1r2 for ", "r1-w16 for ")):
             variant, rest = name.split(" for ", 1)
             method, settings = rest.split(": ", 1)
             learned.setdefault((variant, settings), {})[method] = row
@@ -188,7 +192,8 @@ def print_table(results: Results, args):
     for (variant, settings), by_method in sorted(learned.items()):
         cell = {what: [fmt(by_method[m]) if m in by_method else "-" for m in ("rtn", "gptq")]
                 for what, fmt in formats.items()}
-        print(f"| learned {'R1' if variant == 'r1' else 'R1+R2'} ({settings}) | {cell['ppl'][0]} | {cell['ppl'][1]} "
+        label = {"r1": "R1", "r1r2": "R1+R2", "r1-w16": "R1 for GPTQ (W16)"}[variant]
+        print(f"| learned {label} ({settings}) | {cell['ppl'][0]} | {cell['ppl'][1]} "
               f"| {' / '.join(cell['time'])} | {' / '.join(cell['loss'])} |")
     print(f"\nresults: {results.file}")
 
