@@ -694,6 +694,26 @@ def test_gptq_is_sequential_each_hessian_comes_from_the_quantized_layers_before(
         assert (quantized(windows) - ref).norm() < (rtn(windows) - ref).norm()
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_factors_each_hessian_once_for_all_the_linears_that_read_its_input(monkeypatch, act_order):
+    """q/k/v share one Hessian and gate/up another: 4 factors per block, not 7, and the same weights
+    as quantizing each linear from the raw Hessian."""
+    import quant
+    fp = tiny_model(seed=3)
+    windows = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(1))
+    config = QuantConfig(w_bits=3, w_method="gptq", gptq_act_order=act_order, gptq_batch_size=4)
+    factored = []
+    real_factor = quant.inverse_hessian_factor
+    monkeypatch.setattr(quant, "inverse_hessian_factor", lambda *a: factored.append(a[0].shape) or real_factor(*a))
+    quantized = quantize_model(copy.deepcopy(fp), config, calibration=windows, progress=False)
+    d, ff = fp.config.hidden_size, fp.config.intermediate_size
+    assert factored == [(d, d), (d, d), (d, d), (ff, ff)] * fp.config.num_hidden_layers
+    H = linear_input_hessian(fp, windows, 0, "self_attn.q_proj", 4)
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        alone = gptq_quantize_weight(module_at(fp.layers[0], path).weight, H, 3, act_order=act_order)
+        assert torch.equal(module_at(quantized.layers[0], path).weight, alone)
+
+
 def test_calibration_windows_are_seeded_slices_of_the_stream():
     tokens = torch.arange(1000)
     windows = calibration_windows(tokens, 5, 64, seed=3)
