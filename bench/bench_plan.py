@@ -209,9 +209,9 @@ def gptq_plan(cfg: ModelConfig, weight_bytes: float) -> dict:
     linears = [lin for group in groups for lin in group]
     n = max(i for i, _ in linears)  # the widest input (down_proj's): the largest Hessian, (n, n) fp64
     # Memory. Alive throughout: the merged model and its deep copy being quantized, and the block inputs
-    # of all windows (bf16). Quantizing down_proj: 8 (n, n) fp64 matrices (the accumulator, hessian(),
-    # gptq_quantize_weight's clone, the damped copy, its Cholesky factor, the identity, cholesky_solve's
-    # result and the solver's column-major copy of the factor) and the weight and its result in fp32.
+    # of all windows (bf16). Factoring down_proj's Hessian: about 8 (n, n) fp64 matrices at once (the
+    # accumulator, hessian(), prepare_hessian's copy, the identity, the flipped damped copy, its Cholesky
+    # factor, the triangular solve's result and its flip) and the weight and its result in fp32.
     inputs = tokens * d * 2
     during = 2 * weight_bytes + inputs + 8 * n * n * 8 + 2 * 4 * d * f
     # Computing the next block's inputs: both lists, two Hessians still referenced, one batch's MLP
@@ -224,8 +224,9 @@ def gptq_plan(cfg: ModelConfig, weight_bytes: float) -> dict:
     hadamard = 2 * f * dense_hadamard_width(f)
     forwards = tokens * (4 * (qkv + attention) + 3 * o + 2 * (gate_up + hadamard) + down)
     hessians = sum(2 * tokens * g[0][0] ** 2 for g in groups)  # x^T x in fp32 (HessianAccumulator.add)
-    solves = sum(3 * i ** 3 + out * i * i for i, out in linears)  # per linear: Cholesky, solve, Cholesky
-    # (fp64) and the error spreading of GPTQ's column loop (fp32)
+    # per shared Hessian, one factor (quant.prepare_hessian, fp64): a Cholesky (n^3 / 3) and a triangular
+    # solve against the identity (n^3); per linear, the error spreading of GPTQ's column loop (fp32)
+    solves = sum(4 * g[0][0] ** 3 / 3 for g in groups) + sum(out * i * i for i, out in linears)
     return {"hessians_gb": 8 * n * n * 8 / GB, "peak_gb": max(during, between) / GB,
             "bf16_flops": L * forwards, "fp32_flops": L * (hessians + solves), "launches": L * gptq_launches(linears)}
 
