@@ -8,6 +8,7 @@ tokens), W4A4 with RTN weights (MSE clip search) and with GPTQ weights (calibrat
             and A4 under the loss) and once for GPTQ (W16 and A4 under the loss, as SpinQuant);
   r1r2      the same with R2 (one per layer, folded into v_proj and o_proj) learned too;
   r1-w16    the R1 learned for GPTQ (W16 A4 under the loss), measured with RTN weights too;
+  r1-rtn    the R1 learned for RTN (W4 RTN A4 under the loss), measured with GPTQ weights too;
   random-r2 random-Hadamard R1 and Hadamard R2, per seed (not run unless asked).
 Learning reads --learn-windows x --learn-seq-len tokens of the same Alpaca text (never WikiText)
 and takes --learn-steps steps of --learn-batch-size windows.
@@ -43,7 +44,7 @@ from model import write_atomically  # noqa: E402
 from quant import QuantConfig, calibration_windows, quantize_model  # noqa: E402
 from rotate import LEARNED_ROTATION_FILE, RotationConfig, learn_rotation, rotate_model  # noqa: E402
 
-VARIANTS = ("random", "random-r2", "r1", "r1r2", "r1-w16")
+VARIANTS = ("random", "random-r2", "r1", "r1r2", "r1-w16", "r1-rtn")
 SET_HERE = ("w_bits", "a_bits", "w_method", "quantize_weight_every_forward")  # quant options this bench sets
 ROTATION_SET_HERE = ("kind", "rotate_ov", "rotate_qk")
 
@@ -84,13 +85,17 @@ class BenchLearnedConfig:
             raise ValueError(f"--seeds={self.seeds!r}: must be comma-separated integers") from None
 
 
+LEARNED_FOR = {"r1-w16": "gptq", "r1-rtn": "rtn"}  # variant -> the method its R1 was learned for
+
+
 def learned_name(variant: str, method: str, args) -> str:
     """The row's key in results.json, with every setting that changes the learned matrices."""
     r = args.rotation
+    method_learned = LEARNED_FOR.get(variant, method)
     return (f"{variant} for {method}: {r.learn_steps} steps, lr {r.learn_lr}, {r.learn_windows}x{r.learn_seq_len} "
             f"tokens, batch {r.learn_batch_size}, from seed {args.seed}"
             + (f", clip searched every {r.learn_clip_every} steps"
-               if r.learn_clip_every and method == "rtn" and variant != "r1-w16" else ""))
+               if r.learn_clip_every and method_learned == "rtn" else ""))
 
 
 class Results:
@@ -122,8 +127,8 @@ def w4a4(base, args, perplexity, method: str, learned, seed: int, rotate_ov: boo
 def learned_rotation(base, args, results: Results, variant: str, method: str, learn_windows):
     """The learned rotation of this variant and method: read back from <out>/<slug>/ if an earlier run
     learned it, else learned now and saved at once."""
-    if variant == "r1-w16":  # the R1 learned for GPTQ, whatever quantizes the weights afterwards
-        variant, method = "r1", "gptq"
+    if variant in LEARNED_FOR:  # the R1 learned for another weight quantizer than the one that follows
+        variant, method = "r1", LEARNED_FOR[variant]
     name = learned_name(variant, method, args)
     folder = results.folder / "".join(c if c.isalnum() else "-" for c in name)
     if (folder / LEARNED_ROTATION_FILE).is_file():
@@ -157,7 +162,7 @@ def run(args):
                         print(f"{name}: {results.rows[name]}", flush=True)
                 continue
             name = learned_name(variant, method, args)
-            if name in results.rows or (variant, method) == ("r1-w16", "gptq"):  # the latter: the r1 row
+            if name in results.rows or LEARNED_FOR.get(variant) == method:  # the latter: the r1 row
                 continue
             learned = learned_rotation(base, args, results, variant, method, learn_windows)
             row = w4a4(base, args, perplexity, method, learned, args.seed, variant == "r1r2", gptq_windows)
@@ -183,7 +188,7 @@ def print_table(results: Results, args):
             print(f"| {label}, min / median / max | {spread(ppl['rtn'])} | {spread(ppl['gptq'])} | - | - |")
     learned = {}
     for name, row in rows.items():
-        if name.startswith(("r1 for ", "r1r2 for ", "r1-w16 for ")):
+        if name.startswith(("r1 for ", "r1r2 for ", "r1-w16 for ", "r1-rtn for ")):
             variant, rest = name.split(" for ", 1)
             method, settings = rest.split(": ", 1)
             learned.setdefault((variant, settings), {})[method] = row
@@ -192,7 +197,7 @@ def print_table(results: Results, args):
     for (variant, settings), by_method in sorted(learned.items()):
         cell = {what: [fmt(by_method[m]) if m in by_method else "-" for m in ("rtn", "gptq")]
                 for what, fmt in formats.items()}
-        label = {"r1": "R1", "r1r2": "R1+R2", "r1-w16": "R1 for GPTQ (W16)"}[variant]
+        label = {"r1": "R1", "r1r2": "R1+R2", "r1-w16": "R1 for GPTQ (W16)", "r1-rtn": "R1 for RTN"}[variant]
         print(f"| learned {label} ({settings}) | {cell['ppl'][0]} | {cell['ppl'][1]} "
               f"| {' / '.join(cell['time'])} | {' / '.join(cell['loss'])} |")
     print(f"\nresults: {results.file}")
