@@ -95,7 +95,7 @@ def learned_name(variant: str, method: str, args) -> str:
     return (f"{variant} for {method}: {r.learn_steps} steps, lr {r.learn_lr}, {r.learn_windows}x{r.learn_seq_len} "
             f"tokens, batch {r.learn_batch_size}, from seed {args.seed}"
             + (f", clip searched every {r.learn_clip_every} steps"
-               if r.learn_clip_every and method_learned == "rtn" else ""))
+               if r.learn_clip_every and method_learned == "rtn" and args.quant.w_clip_search else ""))
 
 
 class Results:
