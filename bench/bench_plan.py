@@ -45,7 +45,12 @@ CPU_FLASH_FLOPS = {
     aten._scaled_dot_product_flash_attention_for_cpu:
         lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
     aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v)}
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+    # rotate.py's Walsh-Hadamard transform is one custom op (for torch.compile), opaque to the counter:
+    # its products are one matmul by the dense (w, w) block per row piece (the additions are not FLOPs
+    # FlopCounterMode counts elsewhere either)
+    torch.ops.rolora.walsh_hadamard_transform:
+        lambda x_shape, transpose, out_shape=None, **kwargs: 2 * x_shape.numel() * dense_hadamard_width(x_shape[-1])}
 
 
 @dataclass
