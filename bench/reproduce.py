@@ -151,7 +151,7 @@ def run_training(args, results: dict, training: str):
     cfg = train_config(args, training)
     cfg = dataclasses.replace(cfg, resume=(Path(cfg.out) / "latest").is_file())
     cfg.validate()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
     with train.open_run(cfg) as r:
         model = train.load_model_and_data(r)
@@ -159,6 +159,7 @@ def run_training(args, results: dict, training: str):
         history = train.finetune_stage(r, model)
         train.merge_stage(r, model)
     save_cell(args, results, f"train/{training}", {"seconds": round(time.perf_counter() - start, 1),
+                                                   "cpu_seconds": round(time.process_time() - cpu_start, 1),
                                                    "steps": cfg.max_steps, "history": history,
                                                    "rotation": r.record, "resumed": cfg.resume})
 
@@ -173,12 +174,15 @@ def run_evaluation(args, results: dict, method: str, setting: str):
                        w_bits=w_bits, a_bits=a_bits, w_method=w_method)
     cfg.validate()
     name = f"eval/{method}/{setting}"
-    partial = results.get("partial", {}).get(name, {"seconds": 0.0, "row": {}})
-    start = time.perf_counter()
+    partial = results.get("partial", {}).get(name, {"seconds": 0.0, "cpu_seconds": 0.0, "row": {}})
+    start, cpu_start = time.perf_counter(), time.process_time()
+
+    def elapsed() -> dict:  # wall time (a paused or shared machine adds to it) and this process's CPU time
+        return {"seconds": round(partial["seconds"] + time.perf_counter() - start, 1),
+                "cpu_seconds": round(partial.get("cpu_seconds", 0.0) + time.process_time() - cpu_start, 1)}
 
     def save_partial(row: dict):  # a cut row continues from its last finished part (loss, ppl, a task)
-        seconds = round(partial["seconds"] + time.perf_counter() - start, 1)
-        results.setdefault("partial", {})[name] = {"seconds": seconds, "row": row}
+        results.setdefault("partial", {})[name] = elapsed() | {"row": row}
         save_cell(args, results, None, None)
 
     with train.open_run(cfg) as r:
@@ -189,8 +193,7 @@ def run_evaluation(args, results: dict, method: str, setting: str):
             model = train.quantized_copy(r, model)
         row = train.evaluate_row(r, model, partial["row"], save_partial)
     results.get("partial", {}).pop(name, None)
-    save_cell(args, results, name, {"seconds": round(partial["seconds"] + time.perf_counter() - start, 1),
-                                    "row": row, "quant": dataclasses.asdict(cfg.quant)})
+    save_cell(args, results, name, elapsed() | {"row": row, "quant": dataclasses.asdict(cfg.quant)})
 
 
 def run_grid(args):
@@ -228,7 +231,8 @@ def print_status(args):
     for name in wanted:
         cell = cells.get(name)
         part = results.get("partial", {}).get(name)
-        print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s  {cell['finished']}  {cell['machine']}" if cell
+        cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
+        print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}" if cell
                                 else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
                                 if part else "to do"))
     done = [cells[n]["seconds"] for n in wanted if n in cells]
