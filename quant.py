@@ -162,13 +162,6 @@ def mse_clip_ratio(rows: torch.Tensor, bits: int, symmetric: bool = True, norm: 
     return best_ratio
 
 
-def mse_clip_scale_zero(rows: torch.Tensor, bits: int, symmetric: bool = True, **search) -> tuple[torch.Tensor, torch.Tensor]:
-    """The grid (scale, zero), each (rows, 1), of mse_clip_ratio's clip ratios."""
-    xmin, xmax = torch.aminmax(rows, dim=1, keepdim=True)
-    ratio = mse_clip_ratio(rows, bits, symmetric, **search)
-    return _grid_of_range(xmin * ratio, xmax * ratio, bits, symmetric)
-
-
 def weight_clip_ratio(weight: torch.Tensor, bits: int, group_size: int | None = None,
                       symmetric: bool = True) -> torch.Tensor:
     """mse_clip_ratio of a weight (out, in), per output channel or group: (rows, 1). The search
