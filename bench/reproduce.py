@@ -20,6 +20,7 @@ from its last checkpoint), on this machine or, for the evaluation cells, on any 
     python bench/reproduce.py --methods lora --settings fp,w4a4_rtn   # a part of the grid
 """
 import dataclasses
+import hashlib
 import json
 import math
 import platform
@@ -32,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import lora  # noqa: E402
 import rotate  # noqa: E402
 import train  # noqa: E402
 from data.options import check_options, option, parse_config, replace_options  # noqa: E402
@@ -146,6 +148,31 @@ def train_config(args, training: str, **changes) -> train.TrainConfig:
     return replace_options(train.TrainConfig(), **(options | changes))
 
 
+def adapters_digest(args, training: str) -> str:
+    """sha256 of the saved adapters: the one thing a training passes to its evaluation cells."""
+    path = Path(args.out) / training / "adapters" / lora.ADAPTER_WEIGHTS
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_same_training(args, results: dict, training: str, cell: dict):
+    """A training run again (its adapters were lost with the machine that made them) must give the
+    adapters its finished evaluation cells were made with, else the table would mix two models.
+    Training is deterministic for one machine and thread count; another may round differently."""
+    old = results["cells"].get(f"train/{training}")
+    if old is None:
+        return
+    same = old["adapters_sha256"] == cell["adapters_sha256"] if "adapters_sha256" in old else (
+        old["history"] == cell["history"])  # cells from before the digest was recorded: the loss curve
+    if not same:
+        kept = Path(args.out) / f"{training}.differs-{time.strftime('%Y%m%d-%H%M%S')}"
+        (Path(args.out) / training).rename(kept)  # kept for a look, never used by a cell
+        raise ValueError(
+            f"train/{training}: trained again, it gave other adapters than the ones the finished cells of "
+            f"{args.results} were made with (recorded on {old['machine']}; this run on {machine()}); kept in "
+            f"{kept}. Run it where those were made, or start this training's cells over: delete train/{training} "
+            f"and its eval/ cells from {args.results}, or use another --results file")
+
+
 def run_training(args, results: dict, training: str):
     """Fine-tune and merge (train.py's stages), leaving OUT/<training>/merged; resumes a cut one."""
     cfg = train_config(args, training)
@@ -158,10 +185,11 @@ def run_training(args, results: dict, training: str):
         train.rotate_stage(r, model)
         history = train.finetune_stage(r, model)
         train.merge_stage(r, model)
-    save_cell(args, results, f"train/{training}", {"seconds": round(time.perf_counter() - start, 1),
-                                                   "cpu_seconds": round(time.process_time() - cpu_start, 1),
-                                                   "steps": cfg.max_steps, "history": history,
-                                                   "rotation": r.record, "resumed": cfg.resume})
+    cell = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
+            "steps": cfg.max_steps, "history": history, "rotation": r.record, "resumed": cfg.resume,
+            "adapters_sha256": adapters_digest(args, training)}
+    check_same_training(args, results, training, cell)
+    save_cell(args, results, f"train/{training}", cell)
 
 
 def run_evaluation(args, results: dict, method: str, setting: str):
@@ -173,6 +201,10 @@ def run_evaluation(args, results: dict, method: str, setting: str):
     cfg = train_config(args, training, model=str(merged), rotate=False, qat=False, out=str(Path(args.out) / "eval"),
                        w_bits=w_bits, a_bits=a_bits, w_method=w_method)
     cfg.validate()
+    recorded = results["cells"][f"train/{training}"].get("adapters_sha256")
+    if recorded is not None and adapters_digest(args, training) != recorded:
+        raise ValueError(f"{merged.parent}: its adapters are not the ones train/{training} in {args.results} "
+                         "recorded; delete the folder to train them again")
     name = f"eval/{method}/{setting}"
     partial = results.get("partial", {}).get(name, {"seconds": 0.0, "cpu_seconds": 0.0, "row": {}})
     start, cpu_start = time.perf_counter(), time.process_time()

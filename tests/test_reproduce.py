@@ -139,6 +139,36 @@ def test_cells_of_other_settings_are_never_mixed_into_one_results_file(tmp_path,
     assert (tmp_path / "results.json").read_text() == before  # nothing written
 
 
+def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_same_adapters(tmp_path, stories_dir):
+    import shutil
+    args = grid_args(tmp_path, "--methods", "lora", "--settings", "fp")
+    reproduce.main(args)
+    first = cells(tmp_path)["train/lora"]
+    assert len(first["adapters_sha256"]) == 64
+    shutil.rmtree(tmp_path / "out")  # a new machine: the results file came with the repository, the adapters did not
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp,w4a4_rtn"))
+    again = cells(tmp_path)["train/lora"]
+    assert again["adapters_sha256"] == first["adapters_sha256"] and again["history"] == first["history"]
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    results["cells"]["train/lora"]["adapters_sha256"] = "0" * 64  # as if the finished cells came from other adapters
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="its adapters are not the ones train/lora in .*recorded"):
+        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
+    shutil.rmtree(tmp_path / "out")
+    with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters than the ones the "
+                                         "finished cells of .*results.json were made with"):
+        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
+    assert [p.name.split("-")[0] for p in (tmp_path / "out").iterdir()] == ["lora.differs"]  # kept, never used
+    assert "eval/lora/w4a4_gptq" not in cells(tmp_path)
+
+    del results["cells"]["train/lora"]["adapters_sha256"]  # a file from before the digest: the loss curves decide
+    results["cells"]["train/lora"]["history"]["train_loss"][-1] += 1e-9
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):
+        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
+
+
 def test_unknown_methods_and_settings_are_one_line_errors(capsys):
     for flag, value in (("--methods", "lora,qlora"), ("--settings", "w3a3")):
         with pytest.raises(SystemExit):
