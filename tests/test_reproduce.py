@@ -53,7 +53,7 @@ def test_the_grid_saves_every_cell_and_lbr_is_lora_rotated(tmp_path, stories_dir
     table = capsys.readouterr().out
     assert table.count("\n| lbr | ") == 3 and "| rolora | w4a4_gptq |" in table
     assert f"{100 * row('eval/lora/fp')['average']:.2f} ± {100 * row('eval/lora/fp')['average_stderr']:.2f}" in table
-    assert "RoLoRA recovers" in table
+    assert "RoLoRA recovers" in table and table.count("LAR (RoLoRA) minus LBR") == 3
     reproduce.main(grid_args(tmp_path, "--status", "--methods", "lora,rolora_qat"))
     status = capsys.readouterr().out
     assert "eval/lora/fp" in status and "train/rolora_qat          to do" in status
@@ -167,6 +167,20 @@ def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_sam
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):
         reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
+
+
+def test_the_readings_answer_the_three_questions_from_the_rows():
+    row = lambda average, stderr: {"average": average, "average_stderr": stderr}  # noqa: E731
+    table = {("lora", "fp"): row(0.44, 0.008), ("lora", "w4a4_rtn"): row(0.36, 0.008),
+             ("lbr", "w4a4_rtn"): row(0.38, 0.006), ("rolora", "w4a4_rtn"): row(0.41, 0.008),
+             ("rolora_qat", "w4a4_rtn"): row(0.40, 0.006)}
+    assert reproduce.readings(table) == [
+        "- w4a4_rtn: RoLoRA recovers 62% of the gap between LoRA at w4a4_rtn (36.00) and LoRA at full "
+        "precision (44.00).",
+        "- w4a4_rtn: LAR (RoLoRA) minus LBR: +3.00 ± 1.00 points (+3.0 standard errors).",
+        "- w4a4_rtn: RoLoRA + QAT minus RoLoRA: -1.00 ± 1.00 points (-1.0 standard errors)."]
+    del table[("lbr", "w4a4_rtn")]
+    assert not any("LBR" in line for line in reproduce.readings(table))  # a question waits for its rows
 
 
 def test_unknown_methods_and_settings_are_one_line_errors(capsys):
