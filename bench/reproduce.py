@@ -19,7 +19,9 @@ from its last checkpoint), on this machine or, for the evaluation cells, on any 
     python bench/reproduce.py --figures       # bench/reproduce_average.png and bench/reproduce_loss.png
     python bench/reproduce.py --methods lora --settings fp,w4a4_rtn   # a part of the grid
 """
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -115,16 +117,37 @@ def check_same_grid(args, results: dict):
                          "Use those, or another --results file")
 
 
-def save_cell(args, results: dict, name: str | None, cell: dict | None):
-    """Add a finished cell (name None: only write the file, e.g. a partial row) and write atomically."""
-    if name is not None:
-        results["cells"][name] = dict(cell, finished=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine())
-    if not results.get("partial"):
-        results.pop("partial", None)
-    results["grid"] = {k: getattr(args, k) for k in NUMBERS_DEPEND_ON}
-    path = Path(args.results)
+@contextlib.contextmanager
+def results_locked(path: Path):
+    """Hold RESULTS.lock while reading and rewriting the results file, so that two processes of the
+    grid on one machine (say --settings fp,w4a4_rtn beside --settings w4a4_gptq,w6a6_gptq, one thread
+    each) add their cells to one file without losing each other's."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def save_cell(args, results: dict, name: str, cell: dict | None = None):
+    """Write cell `name` when finished (cell given), else only its partial row
+    (results["partial"][name]); the cells and partial rows other processes wrote meanwhile are
+    read back first and kept. Written atomically."""
+    path = Path(args.results)
+    with results_locked(path):
+        on_disk = read_results(args)
+        check_same_grid(args, on_disk)
+        results["cells"].update({n: done for n, done in on_disk["cells"].items() if n != name})
+        mine = results.get("partial", {}).get(name)
+        results["partial"] = {n: p for n, p in on_disk.get("partial", {}).items()
+                              if n != name and n not in results["cells"]}
+        if cell is not None:
+            results["cells"][name] = dict(cell, finished=time.strftime("%Y-%m-%d %H:%M:%S"), machine=machine())
+        elif mine is not None:
+            results["partial"][name] = mine
+        if not results["partial"]:
+            del results["partial"]
+        results["grid"] = {k: getattr(args, k) for k in NUMBERS_DEPEND_ON}
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
 
 
 def machine() -> str:
@@ -215,7 +238,7 @@ def run_evaluation(args, results: dict, method: str, setting: str):
 
     def save_partial(row: dict):  # a cut row continues from its last finished part (loss, ppl, a task)
         results.setdefault("partial", {})[name] = elapsed() | {"row": row}
-        save_cell(args, results, None, None)
+        save_cell(args, results, name)
 
     with train.open_run(cfg) as r:
         model = train.load_model_and_data(r)
@@ -224,7 +247,6 @@ def run_evaluation(args, results: dict, method: str, setting: str):
         if cfg.quant.quantizes:
             model = train.quantized_copy(r, model)
         row = train.evaluate_row(r, model, partial["row"], save_partial)
-    results.get("partial", {}).pop(name, None)
     save_cell(args, results, name, elapsed() | {"row": row, "quant": dataclasses.asdict(cfg.quant)})
 
 

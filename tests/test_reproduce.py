@@ -130,6 +130,25 @@ def test_a_row_cut_between_two_tasks_continues_from_its_last_finished_task(tmp_p
     assert cells(other)["eval/lora/fp"]["row"] == results["cells"]["eval/lora/fp"]["row"]
 
 
+def test_two_processes_of_the_grid_share_one_results_file_without_losing_cells(tmp_path, stories_dir, monkeypatch):
+    args = grid_args(tmp_path, "--methods", "lora", "--settings", "fp,w4a4_rtn")
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
+    real_evaluate_row = train.evaluate_row
+
+    def another_process_writes_meanwhile(r, model, *rest):  # what a second grid process saves while this row runs
+        results = json.loads((tmp_path / "results.json").read_text())
+        results["cells"]["eval/lbr/fp"] = dict(results["cells"]["eval/lora/fp"], seconds=1.0)
+        results["partial"] = {"eval/lbr/w4a4_rtn": {"seconds": 2.0, "cpu_seconds": 2.0, "row": {"ppl": 3.0}}}
+        (tmp_path / "results.json").write_text(json.dumps(results))
+        return real_evaluate_row(r, model, *rest)
+    monkeypatch.setattr(train, "evaluate_row", another_process_writes_meanwhile)
+    reproduce.main(args)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["cells"]) == {"train/lora", "eval/lora/fp", "eval/lora/w4a4_rtn", "eval/lbr/fp"}
+    assert results["cells"]["eval/lbr/fp"]["seconds"] == 1.0
+    assert results["partial"] == {"eval/lbr/w4a4_rtn": {"seconds": 2.0, "cpu_seconds": 2.0, "row": {"ppl": 3.0}}}
+
+
 def test_cells_of_other_settings_are_never_mixed_into_one_results_file(tmp_path, stories_dir):
     reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
     before = (tmp_path / "results.json").read_text()
