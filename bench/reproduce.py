@@ -280,17 +280,38 @@ def part_names(row: dict) -> list[str]:
 def print_status(args):
     results = read_results(args)
     cells = results["cells"]
-    wanted = [f"train/{t}" for t in dict.fromkeys(METHODS[m][0] for m in args.method_list())]
-    wanted += [f"eval/{m}/{s}" for m in args.method_list() for s in args.setting_list()]
+    trainings = list(dict.fromkeys(METHODS[m][0] for m in args.method_list()))
+    wanted = [f"train/{t}" for t in trainings] + [f"eval/{m}/{s}" for m in args.method_list()
+                                                   for s in args.setting_list()]
     for name in wanted:
         cell = cells.get(name)
         part = results.get("partial", {}).get(name)
         cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
-        print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}" if cell
-                                else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
+        lost = cell and name.startswith("train/") and not (Path(args.out) / name[6:] / "merged").is_dir()
+        print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
+                                + ("  (its model is not here: trained again before its next row)" if lost else "")
+                                if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
                                 if part else "to do"))
     done = [cells[n]["seconds"] for n in wanted if n in cells]
     print(f"{len(done)} of {len(wanted)} cells done, {sum(done) / 3600:.2f} h of compute")
+    print(remaining_estimate(args, results, trainings, wanted))
+
+
+def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[str]) -> str:
+    """The hours left, at the mean wall time of the finished cells of each kind: every row to do,
+    and every training whose model is not on this machine while one of its rows is still to do."""
+    cells = results["cells"]
+    mean = {kind: [c["seconds"] for n, c in cells.items() if n.startswith(kind)] for kind in ("train/", "eval/")}
+    if not mean["train/"] or not mean["eval/"]:
+        return "the time left is estimated once a training and a row are done"
+    mean = {kind: sum(times) / len(times) for kind, times in mean.items()}
+    rows_to_do = [n for n in wanted if n.startswith("eval/") and n not in cells]
+    to_train = [t for t in trainings if not (Path(args.out) / t / "merged").is_dir()
+                and any(METHODS[n.split("/")[1]][0] == t for n in rows_to_do)]
+    hours = (len(rows_to_do) * mean["eval/"] + len(to_train) * mean["train/"]) / 3600
+    return (f"left: {len(rows_to_do)} rows and the trainings {to_train}, about "
+            f"{hours:.1f} h at the mean of the finished ones ({mean['train/']:.0f} s a training, "
+            f"{mean['eval/']:.0f} s a row), wall time as they ran")
 
 
 def rows(results: dict) -> dict:

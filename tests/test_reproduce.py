@@ -57,6 +57,7 @@ def test_the_grid_saves_every_cell_and_lbr_is_lora_rotated(tmp_path, stories_dir
     reproduce.main(grid_args(tmp_path, "--status", "--methods", "lora,rolora_qat"))
     status = capsys.readouterr().out
     assert "eval/lora/fp" in status and "train/rolora_qat          to do" in status
+    assert re.search(r"left: 5 rows and the trainings \['rolora_qat'\], about [\d.]+ h", status), status
 
 
 def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_path, stories_dir, monkeypatch):
