@@ -35,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import eval as evaluation  # noqa: E402
 import lora  # noqa: E402
 import rotate  # noqa: E402
 import train  # noqa: E402
@@ -334,6 +335,10 @@ def format_table(results: dict) -> str:
         lines.append(f"| {method} | {setting} | " + " | ".join(cells) + f" | {average} | {row['ppl']:.2f} | "
                      f"{row['heldout_loss']:.4f} |")
     answers = readings(table)
+    chance = chance_average(results)
+    if chance is not None:
+        answers.append(f"- Guessing at random scores {100 * chance:.2f} on these items (the mean over tasks of "
+                       "1 / the number of choices).")
     lines += [""] + answers if answers else []
     lines.append("\n* BoolQ without its passages (the mirror has none): not comparable with published numbers.")
     return "\n".join(lines)
@@ -347,6 +352,17 @@ def difference(table: dict, better: tuple, worse: tuple) -> str:
     diff = 100 * (a["average"] - b["average"])
     stderr = 100 * math.hypot(a["average_stderr"], b["average_stderr"])
     return f"{diff:+.2f} ± {stderr:.2f} points ({diff / stderr:+.1f} standard errors)"
+
+
+def chance_average(results: dict) -> float | None:
+    """The seven-task average of guessing at random on the grid's items: the mean over tasks of
+    the mean of 1 / (number of choices). None where the task data cannot be read here."""
+    grid = results.get("grid", {})
+    try:
+        per_task = [evaluation.load_task(t)[:grid.get("eval_limit")] for t in grid["tasks"].split(",")]
+    except (OSError, ValueError, KeyError):
+        return None
+    return sum(sum(1 / len(r["choices"]) for r in items) / len(items) for items in per_task) / len(per_task)
 
 
 def readings(table: dict) -> list[str]:
@@ -384,13 +400,18 @@ def draw_figures(args):
         fig = Figure(figsize=(8, 4), layout="tight")
         ax = fig.subplots()
         settings = [s for s in SETTINGS if any(s == k[1] for k in table)]
-        width = 0.8 / len(METHODS)
-        for i, method in enumerate(METHODS):
-            xs = [j + i * width for j, s in enumerate(settings) if (method, s) in table]
-            values = [100 * table[(method, s)]["average"] for s in settings if (method, s) in table]
-            errors = [100 * table[(method, s)]["average_stderr"] for s in settings if (method, s) in table]
-            ax.bar(xs, values, width, yerr=errors, capsize=3, label=method)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(settings))], settings)
+        methods = [m for m in METHODS if any(m == k[0] for k in table)]
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            done = [(j, s) for j, s in enumerate(settings) if (method, s) in table]
+            ax.bar([j + i * width for j, _ in done], [100 * table[(method, s)]["average"] for _, s in done], width,
+                   yerr=[100 * table[(method, s)]["average_stderr"] for _, s in done], capsize=3,
+                   color=f"C{list(METHODS).index(method)}", label=method)  # one colour per method in every figure
+        chance = chance_average(results)
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", ls="--", lw=1, label=f"chance ({100 * chance:.1f})")
+        ax.set_xticks([j + (len(methods) - 1) * width / 2 for j in range(len(settings))], settings)
+        ax.set_ylim(25, None)  # the differences live between chance (~36) and full precision (~44)
         ax.set(ylabel="seven-task average (%) ± stderr",
                title=f"{Path(results['grid']['model']).name}: {results['grid']['steps']} steps, then quantized")
         ax.legend(fontsize=8)

@@ -54,6 +54,11 @@ def test_the_grid_saves_every_cell_and_lbr_is_lora_rotated(tmp_path, stories_dir
     assert table.count("\n| lbr | ") == 3 and "| rolora | w4a4_gptq |" in table
     assert f"{100 * row('eval/lora/fp')['average']:.2f} ± {100 * row('eval/lora/fp')['average_stderr']:.2f}" in table
     assert "RoLoRA recovers" in table and table.count("LAR (RoLoRA) minus LBR") == 3
+    chance = (0.5 + sum(1 / len(r["choices"]) for r in evaluation.load_task("arc_easy")[:4]) / 4) / 2  # piqa: 2
+    assert f"Guessing at random scores {100 * chance:.2f} on these items" in table
+    reproduce.main(grid_args(tmp_path, "--figures"))
+    for figure in ("reproduce_average.png", "reproduce_loss.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     reproduce.main(grid_args(tmp_path, "--status", "--methods", "lora,rolora_qat"))
     status = capsys.readouterr().out
     assert "eval/lora/fp" in status and "train/rolora_qat          to do" in status
