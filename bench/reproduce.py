@@ -222,7 +222,8 @@ def run_evaluation(args, results: dict, method: str, setting: str):
     training, rotate_after_merge = METHODS[method]
     w_bits, a_bits, w_method = SETTINGS[setting]
     merged = Path(args.out) / training / "merged"
-    cfg = train_config(args, training, model=str(merged), rotate=False, qat=False, out=str(Path(args.out) / "eval"),
+    out = Path(args.out) / "eval" / f"{method}-{setting}"  # one folder a row: two grid processes may run at once
+    cfg = train_config(args, training, model=str(merged), rotate=False, qat=False, out=str(out),
                        w_bits=w_bits, a_bits=a_bits, w_method=w_method)
     cfg.validate()
     recorded = results["cells"][f"train/{training}"].get("adapters_sha256")
