@@ -19,8 +19,8 @@ from its last checkpoint), on this machine or, for the evaluation cells, on any 
     python bench/reproduce.py --figures       # bench/reproduce_average.png and bench/reproduce_loss.png
     python bench/reproduce.py --methods lora --settings fp,w4a4_rtn   # a part of the grid
 Two processes can share the results file once a training's model is there (each row has its own
---out folder, and every save re-reads the file under a lock): on 2 cores, two 1-thread processes
-do more rows an hour than one 2-thread one. Train at the thread count the recorded training used:
+--out folder, and every save re-reads the file under a lock), e.g. two 1-thread processes on a
+2-core machine, with --settings split between them. Train at the thread count the recorded training used:
 a training is checked to give the same adapters (sha256) when a new machine runs it again.
 """
 import contextlib
