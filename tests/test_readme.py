@@ -1,5 +1,6 @@
 """Every command the README quotes parses with today's flags: a renamed or removed flag, or a value
 the validation refuses (the GPU recipe's `--ppl-windows 0` once did), fails here, not for a reader."""
+import json
 import re
 import shlex
 import sys
@@ -68,3 +69,16 @@ def test_readme_command_parses(argv):
     if "--help" in argv:
         return
     parse_config(configs[argv[0]], argv[1:], prog=argv[0])  # SystemExit on a bad flag or value
+
+
+def test_the_readme_grid_table_is_the_one_the_results_file_makes():
+    """The README's table of the paper's grid is bench/reproduce.py --table's, row for row, from the
+    committed bench/reproduce_results.json: a row edited by hand, or a results file committed
+    without its table, fails here."""
+    import reproduce
+    made = reproduce.format_table(json.loads((ROOT / "bench" / "reproduce_results.json").read_text()))
+    table_rows = lambda text: [line for line in text.splitlines() if line.startswith("| ")]  # noqa: E731
+    readme = (ROOT / "README.md").read_text()
+    grid = readme[readme.index("### The paper's experiment with error bars"):]
+    grid = grid[:grid.index("\n### ")]
+    assert table_rows(made) and table_rows(grid) == table_rows(made)
