@@ -192,7 +192,8 @@ def check_same_training(args, results: dict, training: str, cell: dict):
     same = old["adapters_sha256"] == cell["adapters_sha256"] if "adapters_sha256" in old else (
         old["history"] == cell["history"])  # cells from before the digest was recorded: the loss curve
     if not same:
-        kept = Path(args.out) / f"{training}.differs-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        kept = next(k for i in range(1000) if not (k := Path(args.out) / f"{training}.differs-{stamp}-{i}").exists())
         (Path(args.out) / training).rename(kept)  # kept for a look, never used by a cell
         raise ValueError(
             f"train/{training}: trained again, it gave other adapters than the ones the finished cells of "

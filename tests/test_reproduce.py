@@ -196,6 +196,7 @@ def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_sam
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):
         reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir()) == ["lora.differs"] * 2  # both kept
 
 
 def test_the_readings_answer_the_three_questions_from_the_rows():
