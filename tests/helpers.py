@@ -15,6 +15,17 @@ from quant import integer_range  # noqa: E402
 from lora import lora_modules, mark_only_lora_trainable  # noqa: E402
 
 
+LINEAR_PATHS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # the seven linears of a block
+
+
+def module_at(block, path: str):
+    """block.self_attn.q_proj for path "self_attn.q_proj"."""
+    for part in path.split("."):
+        block = getattr(block, part)
+    return block
+
+
 def tiny_config(**overrides) -> ModelConfig:
     """A 2-layer GQA LLaMA small enough for float64 tests in milliseconds."""
     cfg = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
