@@ -176,6 +176,11 @@ def train_config(args, training: str, **changes) -> train.TrainConfig:
     return replace_options(train.TrainConfig(), **(options | changes))
 
 
+def model_is_here(args, training: str) -> bool:
+    """The training's merged model is on this machine (out/ is not committed: a new one trains again)."""
+    return (Path(args.out) / training / "merged").is_dir()
+
+
 def adapters_digest(args, training: str) -> str:
     """sha256 of the saved adapters: the one thing a training passes to its evaluation cells."""
     path = Path(args.out) / training / "adapters" / lora.ADAPTER_WEIGHTS
@@ -267,7 +272,7 @@ def run_grid(args):
         for setting in args.setting_list():
             if f"eval/{method}/{setting}" in cells:
                 continue
-            if f"train/{training}" not in cells or not (Path(args.out) / training / "merged").is_dir():
+            if f"train/{training}" not in cells or not model_is_here(args, training):
                 print(f"== train/{training}", flush=True)
                 run_training(args, results, training)
             print(f"== eval/{method}/{setting}", flush=True)
@@ -294,7 +299,7 @@ def print_status(args):
         cell = cells.get(name)
         part = results.get("partial", {}).get(name)
         cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
-        lost = cell and name.startswith("train/") and not (Path(args.out) / name[6:] / "merged").is_dir()
+        lost = cell and name.startswith("train/") and not model_is_here(args, name.removeprefix("train/"))
         print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
                                 + ("  (its model is not here: trained again before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
@@ -313,7 +318,7 @@ def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[s
         return "the time left is estimated once a training and a row are done"
     mean = {kind: sum(times) / len(times) for kind, times in mean.items()}
     rows_to_do = [n for n in wanted if n.startswith("eval/") and n not in cells]
-    to_train = [t for t in trainings if not (Path(args.out) / t / "merged").is_dir()
+    to_train = [t for t in trainings if not model_is_here(args, t)
                 and any(METHODS[n.split("/")[1]][0] == t for n in rows_to_do)]
     hours = (len(rows_to_do) * mean["eval/"] + len(to_train) * mean["train/"]) / 3600
     return (f"left: {len(rows_to_do)} rows and the trainings {to_train}, about "
