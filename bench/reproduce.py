@@ -190,13 +190,17 @@ def adapters_digest(args, training: str) -> str:
 def check_same_training(args, results: dict, training: str, cell: dict):
     """A training run again (its adapters were lost with the machine that made them) must give the
     adapters its finished evaluation cells were made with, else the table would mix two models.
-    Training is deterministic for one machine and thread count; another may round differently."""
+    Training is deterministic for one machine and thread count; another may round differently.
+    A training no row was made from yet is simply replaced: nothing in the table mixes the two."""
     old = results["cells"].get(f"train/{training}")
     if old is None:
         return
     same = old["adapters_sha256"] == cell["adapters_sha256"] if "adapters_sha256" in old else (
         old["history"] == cell["history"])  # cells from before the digest was recorded: the loss curve
-    if not same:
+    if not same and not rows_made_from(results, training):  # nothing made from the old adapters: replace them
+        print(f"train/{training}: trained again, it gave other adapters than the recorded ones ({old['machine']}; "
+              f"this run on {machine()}); no row was made from those, so this training replaces them", flush=True)
+    elif not same:
         stamp = time.strftime('%Y%m%d-%H%M%S')
         kept = next(k for i in range(1000) if not (k := Path(args.out) / f"{training}.differs-{stamp}-{i}").exists())
         (Path(args.out) / training).rename(kept)  # kept for a look, never used by a cell
@@ -205,6 +209,12 @@ def check_same_training(args, results: dict, training: str, cell: dict):
             f"{args.results} were made with (recorded on {old['machine']}; this run on {machine()}); kept in "
             f"{kept}. Run it where those were made, or start this training's cells over: delete train/{training} "
             f"and its eval/ cells from {args.results}, or use another --results file")
+
+
+def rows_made_from(results: dict, training: str) -> list[str]:
+    """The evaluation cells, finished or cut, made from a training's adapters."""
+    made = [*results["cells"], *results.get("partial", {})]
+    return [n for n in made if n.startswith("eval/") and METHODS[n.split("/")[1]][0] == training]
 
 
 def run_training(args, results: dict, training: str):

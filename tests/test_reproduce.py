@@ -199,6 +199,29 @@ def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_sam
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir()) == ["lora.differs"] * 2  # both kept
 
 
+def test_a_training_no_row_was_made_from_may_be_replaced_by_one_that_differs(tmp_path, stories_dir, capsys):
+    import shutil
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
+    results = json.loads((tmp_path / "results.json").read_text())
+    recorded = results["cells"]["train/lora"]["adapters_sha256"]
+    results["cells"]["train/lora"]["adapters_sha256"] = "0" * 64  # recorded elsewhere, say at another thread count
+    results["partial"] = {"eval/lora/w4a4_rtn": {"seconds": 1.0, "cpu_seconds": 1.0, "row": {"ppl": 3.0}}}
+    del results["cells"]["eval/lora/fp"]  # ... and only a cut row made from it
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(tmp_path / "out")
+    with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):  # the cut row counts
+        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
+
+    del results["partial"]  # no row at all: nothing was made from the recorded adapters
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(tmp_path / "out")
+    capsys.readouterr()
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
+    assert "no row was made from those, so this training replaces them" in capsys.readouterr().out
+    done = cells(tmp_path)
+    assert done["train/lora"]["adapters_sha256"] == recorded and "eval/lora/fp" in done
+
+
 def test_the_readings_answer_the_three_questions_from_the_rows():
     row = lambda average, stderr: {"average": average, "average_stderr": stderr}  # noqa: E731
     table = {("lora", "fp"): row(0.44, 0.008), ("lora", "w4a4_rtn"): row(0.36, 0.008),
