@@ -196,7 +196,7 @@ def check_same_training(args, results: dict, training: str, cell: dict):
     if old is None:
         return
     same = old["adapters_sha256"] == cell["adapters_sha256"] if "adapters_sha256" in old else (
-        old["history"] == cell["history"])  # cells from before the digest was recorded: the loss curve
+        old["history"] == as_saved(cell["history"]))  # cells from before the digest was recorded: the loss curve
     if not same and not rows_made_from(results, training):  # nothing made from the old adapters: replace them
         print(f"train/{training}: trained again, it gave other adapters than the recorded ones ({old['machine']}; "
               f"this run on {machine()}); no row was made from those, so this training replaces them", flush=True)
@@ -209,6 +209,11 @@ def check_same_training(args, results: dict, training: str, cell: dict):
             f"{args.results} were made with (recorded on {old['machine']}; this run on {machine()}); kept in "
             f"{kept}. Run it where those were made, or start this training's cells over: delete train/{training} "
             f"and its eval/ cells from {args.results}, or use another --results file")
+
+
+def as_saved(value):
+    """`value` as the results file gives it back: (step, loss) tuples become lists."""
+    return json.loads(json.dumps(value))
 
 
 def rows_made_from(results: dict, training: str) -> list[str]:

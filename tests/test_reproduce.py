@@ -192,6 +192,11 @@ def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_sam
     assert "eval/lora/w4a4_gptq" not in cells(tmp_path)
 
     del results["cells"]["train/lora"]["adapters_sha256"]  # a file from before the digest: the loss curves decide
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))  # the same curve: accepted
+    assert cells(tmp_path)["train/lora"]["adapters_sha256"] == first["adapters_sha256"]
+    assert "eval/lora/w4a4_gptq" in cells(tmp_path)
+    shutil.rmtree(tmp_path / "out" / "lora")
     results["cells"]["train/lora"]["history"]["train_loss"][-1] += 1e-9
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):
