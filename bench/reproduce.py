@@ -449,10 +449,11 @@ def draw_figures(args):
         fig = Figure(figsize=(8, 3.5), layout="tight")
         ax = fig.subplots()
         for name, history in trainings.items():
-            line, = ax.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], lw=0.7, alpha=0.6,
-                            label=f"{name}: training loss")
+            colour = f"C{list(METHODS).index(name)}"  # the method's colour in the average figure
+            ax.plot(range(1, len(history["train_loss"]) + 1), history["train_loss"], lw=0.7, alpha=0.6,
+                    color=colour, label=f"{name}: training loss")
             steps, losses = zip(*history["val_loss"])
-            ax.plot(steps, losses, "o-", color=line.get_color(), label=f"{name}: held-out loss")
+            ax.plot(steps, losses, "o-", color=colour, label=f"{name}: held-out loss")
         ax.set(xlabel="optimizer step", ylabel="loss (response tokens)", title="LoRA vs RoLoRA fine-tuning")
         ax.legend(fontsize=8)
         fig.savefig(folder / "reproduce_loss.png", dpi=110)
