@@ -25,8 +25,8 @@ the shared token prefix runs once and its KV cache is reused by every choice (a 
 the shortest prefix of its items; exact whenever every module acts per token: true for the
 float model and for quant.py's per-token activation and KV quantizers; --no-share-prefix
 turns it off). Only the scored positions reach lm_head. --compile compiles the blocks
-(model.compile_blocks); the forwards that read a shared prefix's KV cache stay eager.
-data/harness.py puts this scorer behind lm-evaluation-harness's model interface, for the
+(extras/compile.py); the forwards that read a shared prefix's KV cache stay eager.
+extras/harness.py puts this scorer behind lm-evaluation-harness's model interface, for the
 harness's own tasks.
 
 Run:
@@ -51,12 +51,16 @@ import quant
 import rotate
 from data.alpaca import prepare as alpaca
 from data.mirror import read_prepared_jsonl
-from data.models import load_model
+from data.models import resolve_model_dir
+from data.options import check_options, one_line_errors, option, option_group, parse_config
+from data.tokenizer import Tokenizer
 from data.wikitext2.prepare import load_test_text
-from data.options import check_options, option, option_group, parse_config
-from model import KVCache, compile_blocks
+from extras.compile import compile_blocks
+from extras.int_kernels import check_runs_on_integers, int_kernels_option, use_integer_kernels
+from extras.quantized_checkpoint import QUANT_RECORD, load_quantized
+from model import KVCache, load_checkpoint
 from quant import QuantConfig
-from rotate import RotationConfig
+from rotate import ROTATION_RECORD, RotationConfig
 
 ROOT = Path(__file__).resolve().parent
 DATA_DIR = ROOT / "data"
@@ -311,17 +315,22 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float | None]:
 
 
 def task_metrics(task: str, records: list[dict], scores: list[list[float]]) -> dict:
-    """acc (and acc_norm where the harness reports it) with standard errors, from per-choice scores."""
-    acc = [float(argmax_first(s) == r["gold"]) for r, s in zip(records, scores)]
-    out = {"n": len(records)}
-    out["acc"], out["acc_stderr"] = mean_and_stderr(acc)
+    """acc (and acc_norm where the harness reports it) with standard errors, from per-choice scores;
+    and per item, for a paired comparison of two models on the same items, the choice the reported
+    metric makes and whether it is right ("chosen" and "correct", one character an item)."""
+    chosen = {"acc": [argmax_first(s) for s in scores]}
     if "acc_norm" in TASKS[task][1]:
         # process_results: completion_len = len(choice) for the doc's choices, the characters of
         # the choice text without the target delimiter that joins it to the context.
-        norm = [float(argmax_first([ll / len(c) for ll, c in zip(s, r["choices"])]) == r["gold"])
-                for r, s in zip(records, scores)]
-        out["acc_norm"], out["acc_norm_stderr"] = mean_and_stderr(norm)
+        chosen["acc_norm"] = [argmax_first([ll / len(c) for ll, c in zip(s, r["choices"])])
+                              for r, s in zip(records, scores)]
+    out = {"n": len(records)}
+    for metric, picks in chosen.items():
+        out[metric], out[metric + "_stderr"] = mean_and_stderr([float(p == r["gold"]) for r, p in zip(records, picks)])
     out["metric"] = reported_metric(task)
+    picks = chosen[out["metric"]]
+    out["chosen"] = "".join(str(p) for p in picks) if max(picks, default=0) < 10 else picks
+    out["correct"] = "".join("1" if p == r["gold"] else "0" for r, p in zip(records, picks))
     return out
 
 
@@ -384,10 +393,22 @@ def encode_stream(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, bos=True)
 
 
-@torch.inference_mode()
 def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit_windows: int | None = None,
                progress: bool = True) -> float:
     """exp(mean NLL) over non-overlapping windows of seq_len tokens of one token stream."""
+    return perplexity_of(window_nlls(model, tokenizer, text, seq_len, limit_windows, progress))
+
+
+def perplexity_of(windows: list[tuple[float, int]]) -> float:
+    """exp of the mean NLL per predicted token, from window_nlls' (summed NLL, tokens) per window.
+    GPTQ averages per-window mean losses; every window has seq_len - 1 targets, so this is the same."""
+    return math.exp(sum(nll for nll, _ in windows) / sum(n for _, n in windows))
+
+
+@torch.inference_mode()
+def window_nlls(model, tokenizer, text: str, seq_len: int = 2048, limit_windows: int | None = None,
+                progress: bool = True) -> list[tuple[float, int]]:
+    """(summed next-token NLL, predicted tokens) of each non-overlapping window of seq_len tokens."""
     seq_len = min(seq_len, model.config.max_position_embeddings)
     ids = torch.tensor(encode_stream(tokenizer, text), dtype=torch.long)
     n_windows = ids.numel() // seq_len  # GPTQ: the tail that does not fill a window is dropped
@@ -396,16 +417,37 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 2048, limit_windows: 
     if n_windows == 0:
         raise ValueError(f"text of {ids.numel()} tokens is shorter than one window of {seq_len}")
     device = model.lm_head.weight.device
-    total_nll = 0.0
+    windows = []
     for w in tqdm(range(n_windows), desc="perplexity", disable=not progress, leave=False):
         window = ids[w * seq_len:(w + 1) * seq_len].to(device)[None]  # (1, T)
         logits = model(window)  # (1, T, vocab)
         # each window predicts its own tokens 1..T-1; the first token has no context
         nll = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
-        total_nll += nll.item()
-    # GPTQ averages per-window mean losses; every window has seq_len - 1 targets, so this equals
-    # the mean over all predicted tokens.
-    return math.exp(total_nll / (n_windows * (seq_len - 1)))
+        windows.append([nll.item(), seq_len - 1])  # a list: what the results files give back
+    return windows
+
+
+# -----------------------------------------------------------------------------
+# Loading any checkpoint the project writes: the loader behind every script's --model
+
+
+def load_model(name_or_dir, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer, directory) of a checkpoint directory or a prepared model's name."""
+    path = resolve_model_dir(name_or_dir)
+    return load_weights(path, dtype, device), Tokenizer(path), path
+
+
+def load_weights(path, dtype=torch.float32, device="cpu"):
+    """The model of a checkpoint directory with what its stages recorded beside it: a quantized one
+    (quantization.json) is rebuilt from its integer codes with its quantizers and rotation, no
+    calibration (extras/quantized_checkpoint.py); a rotated one (rotation.json) gets its online
+    Hadamards back (rotate.load_rotated); a plain one loads as it is (model.load_checkpoint)."""
+    path = Path(path)
+    if (path / QUANT_RECORD).is_file():  # before rotation.json: a quantized model may be rotated too
+        return load_quantized(path, dtype=dtype, device=device)
+    if (path / ROTATION_RECORD).is_file():
+        return rotate.load_rotated(path, dtype=dtype, device=device)[0]
+    return load_checkpoint(path, dtype=dtype, device=device)
 
 
 # -----------------------------------------------------------------------------
@@ -454,8 +496,9 @@ class EvalConfig:
                               "alpaca_cleaned_2000.json (never the evaluation text)")
     dtype: str = option("float32", "dtype of the weights", choices=("float32", "bfloat16", "float64"))
     threads: int | None = option(None, "torch CPU threads", at_least=1)
-    compile: bool = option(False, "torch.compile the model's blocks (model.compile_blocks; a forward with the "
+    compile: bool = option(False, "torch.compile the model's blocks (extras/compile.py; a forward with the "
                            "shared prefix's KV cache stays eager)")
+    int_kernels: bool = int_kernels_option()
     json: str = option("", "write the results to this JSON file")
 
     def __post_init__(self):
@@ -479,9 +522,8 @@ class EvalConfig:
         if self.rotate and (Path(self.model) / "rotation.json").is_file():
             raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
                              "it loads with its rotation, drop --rotate")
-        if self.rotation.kind == "learned":
-            raise ValueError("--rotation learned: eval.py draws the seed's Hadamards only; learn a rotation with "
-                             "train.py --rotate --rotation learned and evaluate its OUT/merged")
+        if self.int_kernels and not (Path(self.model) / QUANT_RECORD).is_file():
+            check_runs_on_integers(self.quant)  # a quantized checkpoint's own config is checked as it loads
         if self.calibration and not Path(self.calibration).is_file():
             raise FileNotFoundError(f"--calibration {self.calibration}: no such file")
         if self.calibration and self.quant.w_method == "gptq" and self.quant.w_bits < 16:
@@ -512,6 +554,8 @@ def load_and_quantize(cfg: EvalConfig):
             seq_len = min(cfg.quant.calib_seq_len, model.config.max_position_embeddings)
             calibration = quant.calibration_windows(tokens, cfg.quant.calib_windows, seq_len)
         quant.quantize_model(model, cfg.quant, calibration=calibration)
+    if cfg.int_kernels:  # its quantized linears on int8 products (extras/int_kernels.py)
+        use_integer_kernels(model)
     return model.eval(), tokenizer, model_dir
 
 
@@ -544,4 +588,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("eval.py"):
+        main()

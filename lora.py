@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from data.options import check_options, option
+from data.options import BadKey, BadValue, MissingFile, check_options, option
 from model import BLOCK_LINEARS, replace_module, write_atomically
 
 VARIANTS = ("lora", "reslora")
@@ -168,22 +168,23 @@ def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), rank: int = 16, alp
              dropout: float = 0.0, variant: str = "lora", res_type: str = "block", pre_num: int = 1,
              norm_window: int = 100) -> nn.Module:
     """Wrap every linear in model.layers whose name ends with one of `targets` ("q_proj", or a
-    longer suffix such as "layers.0.self_attn.q_proj") in a LoRALinear, in place.
-
-    variant="reslora" links the wrappers of the same projection across layers (res_type, pre_num =
-    m previous blocks; the input shortcut always uses exactly one). Adapters are created with the
-    base weight's dtype and device, drawing A from torch's global RNG."""
-    if variant not in VARIANTS:
-        raise ValueError(f"LoRA variant must be one of {VARIANTS}, got '{variant}'")
+    longer suffix such as "layers.0.self_attn.q_proj") in a LoRALinear, in place. Adapters are
+    created with the base weight's dtype and device, drawing A from torch's global RNG.
+    variant="reslora": ResLoRA's chained adapters instead (add_reslora, the last section)."""
     if variant == "reslora":
-        if res_type not in RES_TYPES:
-            raise ValueError(f"ResLoRA res_type must be one of {RES_TYPES}, got '{res_type}'")
-        if pre_num < 1 or (res_type == "input" and pre_num != 1):
-            raise ValueError(f"ResLoRA pre_num={pre_num}: must be >= 1, and exactly 1 for the input "
-                             "shortcut (h_n = W_n x_n + s B_n A_n (x_n + x_{n-1}))")
+        return add_reslora(model, targets, rank, alpha, dropout, res_type, pre_num, norm_window)
+    if variant != "lora":
+        raise ValueError(f"LoRA variant must be one of {VARIANTS}, got '{variant}'")
+    linears = _linears_in_layers(model)
+    for name in _chosen_linears(linears, targets):
+        _put_wrapper(model, name, LoRALinear(linears[name], rank, alpha, dropout))
+    return model
+
+
+def _chosen_linears(linears: dict[str, nn.Module], targets) -> list[str]:
+    """The names of `linears` that match a target, in layer order."""
     if isinstance(targets, str):
         targets = (targets,)
-    linears = _linears_in_layers(model)
     chosen = []
     for target in targets:
         matches = [name for name in linears if name == target or name.endswith("." + target)]
@@ -192,22 +193,13 @@ def add_lora(model: nn.Module, targets=("q_proj", "v_proj"), rank: int = 16, alp
             raise ValueError(f"LoRA target '{target}' matches no linear in model.layers; valid names: "
                              f"{', '.join(valid)}")
         chosen += [name for name in matches if name not in chosen]
+    return sorted(chosen, key=lambda name: int(name.split(".")[1]))
 
-    def layer_index(name):
-        return int(name.split(".")[1])
 
-    chains = {}  # ResLoRA: "self_attn.q_proj" -> its chain, filled in layer order
-    for name in sorted(chosen, key=layer_index):
-        if variant == "lora":
-            wrapper = LoRALinear(linears[name], rank, alpha, dropout)
-        else:
-            projection = name.split(".", 2)[2]
-            chain = chains.setdefault(projection, ResLoRAChain(res_type, pre_num))
-            wrapper = ResLoRALinear(linears[name], rank, alpha, dropout, chain, norm_window)
-        wrapper.train(linears[name].training)  # a new Module is in train mode; keep the model's mode
-        wrapper.module_path = name
-        replace_module(model, name, wrapper)
-    return model
+def _put_wrapper(model: nn.Module, name: str, wrapper: "LoRALinear"):
+    wrapper.train(wrapper.base_layer.training)  # a new Module is in train mode; keep the model's mode
+    wrapper.module_path = name
+    replace_module(model, name, wrapper)
 
 
 def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
@@ -222,27 +214,15 @@ def mark_only_lora_trainable(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def merge_lora(model: nn.Module, reslora_merge: str = "input") -> nn.Module:
     """Fold every adapter into its base weight and put the base linears back: a plain model.
-
-    ResLoRA input/middle shortcuts merge approximately; reslora_merge picks the estimate of how an
-    earlier layer's input compares with this one's ("input": running means of input norms, needs
-    training forwards; "weight": Frobenius norms of the merged weights; ResLoRAChain.input_ratio).
-    All coefficients are computed before any weight changes, so the result does not depend on the
-    order of the layers."""
-    if reslora_merge not in RESLORA_MERGES:
-        raise ValueError(f"reslora_merge must be one of {RESLORA_MERGES}, got '{reslora_merge}'")
+    reslora_merge: how ResLoRA's input and middle shortcuts are estimated (fix_reslora_merges)."""
     wrappers = lora_modules(model)
     for name, m in wrappers.items():  # check all before changing any
         if type(m.base_layer) is not nn.Linear:
             raise TypeError(f"merge_lora: {name} wraps a {type(m.base_layer).__name__}; merge the adapters "
                             "into the full-precision model first, then quantize it")
-    coefficients = {name: m.compute_merge_coefficients(reslora_merge) for name, m in wrappers.items()
-                    if isinstance(m, ResLoRALinear) and not m.merged}
+    fix_reslora_merges(wrappers.values(), reslora_merge)  # ResLoRA: before any weight changes
     for name, m in wrappers.items():
-        if name in coefficients:
-            m.merge(coefficients=coefficients[name])
-        else:
-            m.merge()
-    for name, m in wrappers.items():
+        m.merge()
         replace_module(model, name, m.base_layer)
     return model
 
@@ -272,13 +252,13 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], sourc
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing:
-        raise KeyError(f"{source}: missing key '{key_prefix}{missing[0]}' ({len(missing)} adapter "
+        raise BadKey(f"{source}: missing key '{key_prefix}{missing[0]}' ({len(missing)} adapter "
                        "tensors missing)")
     if unexpected:
-        raise KeyError(f"{source}: unexpected key '{key_prefix}{unexpected[0]}' (the model has no such adapter)")
+        raise BadKey(f"{source}: unexpected key '{key_prefix}{unexpected[0]}' (the model has no such adapter)")
     for key, target in expected.items():
         if state[key].shape != target.shape:
-            raise ValueError(f"{source}: key '{key_prefix}{key}' has shape {tuple(state[key].shape)}, "
+            raise BadValue(f"{source}: key '{key_prefix}{key}' has shape {tuple(state[key].shape)}, "
                              f"the model's adapter has {tuple(target.shape)}")
         target.copy_(state[key])
 
@@ -343,32 +323,35 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     for f in (config_file, weights_file):
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: not found (a PEFT adapter directory holds {ADAPTER_CONFIG} "
+            raise MissingFile(f"{f}: not found (a PEFT adapter directory holds {ADAPTER_CONFIG} "
                                     f"and {ADAPTER_WEIGHTS})")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BadValue(f"{config_file}: not valid JSON ({e})") from None
     peft_type = config.get("peft_type")
     if peft_type not in ("LORA", "RESLORA"):
-        raise ValueError(f"{config_file}: peft_type '{peft_type}' is not supported (LORA or RESLORA)")
+        raise BadValue(f"{config_file}: peft_type '{peft_type}' is not supported (LORA or RESLORA)")
     for key, implemented in PEFT_UNSUPPORTED.items():
         value = config.get(key)
         if value and value != implemented:
-            raise ValueError(f"{config_file}: {key}={value!r} is not supported (only {implemented!r})")
+            raise BadValue(f"{config_file}: {key}={value!r} is not supported (only {implemented!r})")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
-            raise KeyError(f"{config_file}: missing field '{key}'")
+            raise BadKey(f"{config_file}: missing field '{key}'")
     targets = config["target_modules"]
     if isinstance(targets, list):  # PEFT's names may carry LlamaForCausalLM's "model." prefix
         targets = [t.removeprefix("model.") for t in targets]
     elif isinstance(targets, str):  # PEFT: a regex that must match the whole HF module name
         targets = [n for n in _linears_in_layers(model) if re.fullmatch(targets, "model." + n)]
         if not targets:
-            raise ValueError(f"{config_file}: target_modules regex {config['target_modules']!r} "
+            raise BadValue(f"{config_file}: target_modules regex {config['target_modules']!r} "
                              "matches no linear in model.layers")
     reslora = config.get("reslora", {}) if peft_type == "RESLORA" else {}
     stored = load_file(str(weights_file))
     for key in stored:
         if not key.startswith(PEFT_PREFIX):
-            raise KeyError(f"{weights_file}: unexpected key '{key}' (expected '{PEFT_PREFIX}layers.<i>...')")
+            raise BadKey(f"{weights_file}: unexpected key '{key}' (expected '{PEFT_PREFIX}layers.<i>...')")
     add_lora(model, targets, rank=config["r"], alpha=config["lora_alpha"],
              dropout=config.get("lora_dropout", 0.0), variant="reslora" if reslora else "lora",
              res_type=reslora.get("res_type", "block"), pre_num=reslora.get("pre_num", 1),
@@ -384,6 +367,35 @@ def load_adapters(model: nn.Module, directory) -> nn.Module:
 
 # -----------------------------------------------------------------------------
 # ResLoRA: shortcuts between the LoRA blocks of one projection in consecutive layers
+
+
+def add_reslora(model: nn.Module, targets=("q_proj", "v_proj"), rank: int = 16, alpha: float = 16,
+                dropout: float = 0.0, res_type: str = "block", pre_num: int = 1, norm_window: int = 100):
+    """add_lora's ResLoRA variant: the wrappers of the same projection across layers are linked in a
+    ResLoRAChain (res_type; pre_num = m previous blocks; the input shortcut uses exactly one)."""
+    if res_type not in RES_TYPES:
+        raise ValueError(f"ResLoRA res_type must be one of {RES_TYPES}, got '{res_type}'")
+    if pre_num < 1 or (res_type == "input" and pre_num != 1):
+        raise ValueError(f"ResLoRA pre_num={pre_num}: must be >= 1, and exactly 1 for the input "
+                         "shortcut (h_n = W_n x_n + s B_n A_n (x_n + x_{n-1}))")
+    linears = _linears_in_layers(model)
+    chains = {}  # "self_attn.q_proj" -> its chain, filled in layer order
+    for name in _chosen_linears(linears, targets):
+        chain = chains.setdefault(name.split(".", 2)[2], ResLoRAChain(res_type, pre_num))
+        _put_wrapper(model, name, ResLoRALinear(linears[name], rank, alpha, dropout, chain, norm_window))
+    return model
+
+
+def fix_reslora_merges(wrappers, how: str = "input"):
+    """Fix the merge coefficients of every unmerged ResLoRA wrapper among `wrappers` (plain LoRA ones
+    are skipped) before any of them merges, so the merged weights do not depend on the layers'
+    order. how: the estimate of an earlier layer's input (ResLoRAChain.input_ratio)."""
+    if how not in RESLORA_MERGES:
+        raise ValueError(f"reslora_merge must be one of {RESLORA_MERGES}, got '{how}'")
+    pending = [m for m in wrappers if isinstance(m, ResLoRALinear) and not m.merged]
+    coefficients = [m.compute_merge_coefficients(how) for m in pending]
+    for m, c in zip(pending, coefficients):
+        m.merge_coefficients = c
 
 
 class ResLoRAChain:
@@ -464,7 +476,7 @@ class ResLoRALinear(LoRALinear):
             raise ValueError("ResLoRA: every layer of a chain must have the same in/out features")
         # NaN marks "no forward recorded yet"; a shift register keeps the last norm_window values
         self.register_buffer("input_norms", torch.full((norm_window,), float("nan"), device=self.weight.device))
-        self.merge_coefficients = None  # what merge() used, so unmerge() subtracts the same update
+        self.merge_coefficients = None  # what merge() uses, so unmerge() subtracts the same update
 
     def _record_input_norm(self, x):
         norm = x.detach().float().norm(dim=-1).mean().to(self.input_norms.device)
@@ -537,8 +549,10 @@ class ResLoRALinear(LoRALinear):
 
     def merge(self, how: str = "input", coefficients=None):
         """Fold the update (with the shortcut approximation `how`, see ResLoRAChain.input_ratio)
-        into the base weight. Pass `coefficients` to use ones computed before other layers merged."""
+        into the base weight: with `coefficients`, or those fix_reslora_merges fixed, or new ones."""
         if not self.merged:
+            if coefficients is None:
+                coefficients = self.merge_coefficients
             if coefficients is None:
                 coefficients = self.compute_merge_coefficients(how)
             self._add_to_base_weight(self.delta_weight(coefficients))

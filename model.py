@@ -1,9 +1,9 @@
 """A LLaMA-family decoder in plain PyTorch that loads Hugging Face checkpoints exactly.
 
 One file, read top to bottom: the configuration, the building blocks (RMSNorm, rotary
-embeddings, grouped-query attention, SwiGLU), the Transformer with a KV-cache `generate`,
-`compile_blocks` (torch.compile, block by block), loading and saving the Hugging Face layout
-(config.json + safetensors), and the tokenizer.
+embeddings, grouped-query attention, SwiGLU), the Transformer with a KV-cache `generate`, the
+block's structure the stages read, and loading and saving the Hugging Face layout (config.json +
+safetensors).
 
 This file knows nothing of rotation, quantization or LoRA. Those stages (rotate.py,
 quant.py, lora.py) take a model and change it: they read the block's structure from
@@ -15,7 +15,7 @@ attributes `weight` (out, in), `in_features` and `out_features` (save_checkpoint
 `.weight`). The tokenizer lives in data/tokenizer.py, the command-line parser every script
 uses in data/options.py.
 
-Demo:
+Demo (a plain checkpoint; extras/sample.py samples from any checkpoint the project writes):
     python data/models/prepare.py stories260K
     python model.py --model data/models/stories260K --prompt "Once upon a time"
 """
@@ -33,7 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.options import option, parse_config
+from data.models import resolve_model_dir
+from data.options import BadKey, BadValue, MissingFile, one_line_errors, option, parse_config
+from data.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -66,18 +68,18 @@ class ModelConfig:
         Settings this model does not implement are errors, never silently ignored."""
         def need(key):
             if key not in hf:
-                raise KeyError(f"{source}: missing required field '{key}'")
+                raise BadKey(f"{source}: missing required field '{key}'")
             return hf[key]
 
         model_type = hf.get("model_type", "llama")
         if model_type != "llama":
-            raise ValueError(f"{source}: model_type '{model_type}' is not supported (only 'llama')")
+            raise BadValue(f"{source}: model_type '{model_type}' is not supported (only 'llama')")
         for flag in ("attention_bias", "mlp_bias"):
             if hf.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported (LLaMA linears have no bias)")
+                raise BadValue(f"{source}: {flag}=true is not supported (LLaMA linears have no bias)")
         act = hf.get("hidden_act", "silu")
         if act != "silu":
-            raise ValueError(f"{source}: hidden_act '{act}' is not supported (only 'silu')")
+            raise BadValue(f"{source}: hidden_act '{act}' is not supported (only 'silu')")
         # pretraining_tp > 1 only changes how HF slices matmuls, not the function: ignored.
 
         # rope_theta and rope_scaling: legacy top-level fields, or (transformers >= 5) one
@@ -93,7 +95,7 @@ class ModelConfig:
             if kind == "default":
                 scaling = None
             elif kind not in ("llama3", "linear"):
-                raise ValueError(f"{source}: rope_scaling type '{kind}' is not supported "
+                raise BadValue(f"{source}: rope_scaling type '{kind}' is not supported "
                                  "(supported: 'llama3', 'linear')")
             else:  # keep only what rope_inverse_frequencies reads
                 keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -309,7 +311,7 @@ class Transformer(nn.Module):
                              f"{self.config.max_position_embeddings}")
         x = self.embed_tokens(idx)  # (B, T, d)
         cos, sin = self.rotary_cos_sin(start, T, x.dtype)
-        # compile_blocks compiles the forward without a cache only: the cache's lists and the layer
+        # extras/compile.py compiles the forward without a cache only: the cache's lists and the layer
         # index it is read with would need a graph per layer and per prefix length
         with torch.compiler.set_stance("force_eager") if cache is not None else nullcontext():
             for block in self.layers:
@@ -369,36 +371,6 @@ RESIDUAL_WRITERS = ("self_attn.o_proj", "mlp.down_proj")  # their outputs are ad
 # Outside the blocks: embed_tokens writes the residual stream, norm -> lm_head reads it.
 
 
-def compile_blocks(model: Transformer) -> Transformer:
-    """torch.compile every block of `model`, in place, and return the model (train.py and eval.py
-    --compile). Whatever the stages put in a block is compiled with it: adapters, quantizers, the
-    online Hadamard (a custom op of rotate.py's, which the compiler does not trace into).
-
-    Per block rather than the whole model ("regional compilation"): the blocks share one compiled
-    graph, their weights being its inputs, so compiling costs about one block's time whatever the
-    depth. In place (Module.compile): parameter names, state_dict, adapters, merging and checkpoints
-    stay as they are. A deepcopy is eager again (Module.__getstate__ drops the compiled call):
-    compile a copy separately. dynamic=True: batches are right-padded to a length that changes from
-    batch to batch, and a symbolic length gives one graph for all of them, not one per length.
-    Forwards with a KV cache run eagerly (Transformer.forward)."""
-    import torch._dynamo
-    import torch._inductor.config
-    import torch.fx.experimental._config
-    # The blocks of every model of a run share the graphs of Block.forward: one per kind of block
-    # (plain, LoRA, merged, quantized) x training or not x grad or not x batch of one or more.
-    # Past the default limit of 8 the compiler gives up and runs the rest eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    # Without this, sizes equal in the first batch share one symbol: a length that happens to equal
-    # head_dim (cos is (T, head_dim)) is specialised with it, and the next length compiles again.
-    torch.fx.experimental._config.use_duck_shape = False
-    # Dropout draws its masks from torch's generator as eager does, not from the compiler's own
-    # random numbers: a compiled run draws the masks an eager one would
-    torch._inductor.config.fallback_random = True
-    for block in model.layers:
-        block.compile(dynamic=True)
-    return model
-
-
 def replace_module(root: nn.Module, path: str, module: nn.Module):
     """Put `module` at the dotted `path` under `root` (e.g. 'layers.3.self_attn.q_proj')."""
     parent, _, name = path.rpartition(".")
@@ -430,12 +402,12 @@ def hf_state_dict_names(config: ModelConfig) -> dict[str, str]:
 def read_config(path: Path) -> ModelConfig:
     config_file = Path(path) / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no config.json; expected a Hugging Face-layout "
+        raise MissingFile(f"{config_file}: no config.json; expected a Hugging Face-layout "
                                 "checkpoint directory (config.json + model.safetensors)")
     try:
         hf = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+        raise BadValue(f"{config_file}: not valid JSON ({e})") from None
     return ModelConfig.from_hf(hf, source=str(config_file))
 
 
@@ -444,15 +416,18 @@ def safetensors_files(path: Path) -> list[Path]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BadValue(f"{index}: not a safetensors index (JSON with a 'weight_map'): {e}") from None
         files = [path / f for f in dict.fromkeys(weight_map.values())]
     elif (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
     else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        raise MissingFile(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing")
+            raise MissingFile(f"{f}: shard listed in {index.name} is missing")
     return files
 
 
@@ -474,9 +449,9 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu", *, stage_records_ok
     path = Path(path)
     for record in STAGE_RECORDS:
         if not stage_records_ok and (path / record).is_file():
-            raise ValueError(f"{path / record}: these weights need the online transforms recorded there, "
+            raise BadValue(f"{path / record}: these weights need the online transforms recorded there, "
                              "which model.load_checkpoint does not add; load the directory with "
-                             "data.models.load_model (what every script's --model does)")
+                             "eval.load_model (what every script's --model does)")
     config = read_config(path)
     with torch.device("meta"):
         model = Transformer(config)
@@ -492,21 +467,21 @@ def load_checkpoint(path, dtype=torch.float32, device="cpu", *, stage_records_ok
                         continue
                     ours = expected.get(hf_name)
                     if ours is None:
-                        raise KeyError(f"{file}: unexpected key '{hf_name}' for this config "
+                        raise BadKey(f"{file}: unexpected key '{hf_name}' for this config "
                                        f"({config.num_hidden_layers} layers, tied={config.tie_word_embeddings})")
                     tensor = f.get_tensor(hf_name)
                     if tensor.shape != ours_shapes[ours]:
-                        raise ValueError(f"{file}: key '{hf_name}' has shape {tuple(tensor.shape)}, "
+                        raise BadValue(f"{file}: key '{hf_name}' has shape {tuple(tensor.shape)}, "
                                          f"config.json implies {tuple(ours_shapes[ours])}")
                     shard[ours] = tensor.to(device=device, dtype=dtype)
                     loaded.add(hf_name)
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+            raise BadValue(f"{file}: unreadable or truncated safetensors file ({e})") from None
         model.load_state_dict(shard, strict=False, assign=True)
         del shard
     missing = sorted(set(expected) - loaded)
     if missing:
-        raise KeyError(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise BadKey(f"{path}: missing key(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope_inv_freq = rope_inverse_frequencies(config).to(device)
@@ -579,7 +554,7 @@ def save_checkpoint(model: Transformer, path, max_shard_bytes: int = 2 * 1024**3
 
 @dataclass
 class SampleConfig:
-    model: str = option("stories260K", "checkpoint directory or a name data/models/prepare.py knows")
+    model: str = option("stories260K", "plain checkpoint directory or a name data/models/prepare.py knows")
     prompt: str = option("Once upon a time", "text to continue")
     chat: bool = option(False, "wrap the prompt in the ChatML template (SmolLM2-Instruct)")
     max_new_tokens: int = option(100, "tokens to generate", at_least=0)
@@ -588,14 +563,19 @@ class SampleConfig:
     seed: int = option(0, "seed of the sampler")
 
 
-if __name__ == "__main__":
-    args = parse_config(SampleConfig(), prog="model.py", description="Sample text from a LLaMA-family checkpoint.")
+def sample(model: Transformer, tok: Tokenizer, args: SampleConfig) -> str:
+    """The continuation of args.prompt (ChatML-wrapped with args.chat), decoded."""
     torch.manual_seed(args.seed)
-    from data.models import load_model  # a rotated checkpoint needs rotate.py's online Hadamards
-    model, tok, _ = load_model(args.model)
     prompt = args.prompt
     if args.chat:
         prompt = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
-    idx = torch.tensor([tok.encode(prompt, bos=not args.chat)])
+    idx = torch.tensor([tok.encode(prompt, bos=not args.chat)], device=model.lm_head.weight.device)
     out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, eos_id=tok.eos_id)
-    print(tok.decode(out[0, idx.shape[1]:].tolist()))
+    return tok.decode(out[0, idx.shape[1]:].tolist())
+
+
+if __name__ == "__main__":
+    args = parse_config(SampleConfig(), prog="model.py", description="Sample text from a LLaMA-family checkpoint.")
+    with one_line_errors("model.py"):
+        model_dir = resolve_model_dir(args.model)
+        print(sample(load_checkpoint(model_dir), Tokenizer(model_dir), args))

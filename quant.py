@@ -8,13 +8,14 @@ can be measured at any bit width on a CPU.
 The pieces, top to bottom:
   1. the integer grid: `compute_scale_zero`, `fake_quantize` (per tensor, per row, per
      group of columns; symmetric or asymmetric) with a straight-through estimator;
-  2. weight quantizers: round-to-nearest with an optional MSE clip search, and GPTQ;
+  2. the weight quantizer round-to-nearest, with an optional MSE clip search;
   3. modules: `ActQuantizer` (dynamic per token), `QuantLinear` (input quantizer, then
      the linear with its stored quantized weight);
   4. `quantize_model(model, w_bits=4, a_bits=4, ...)`: swaps the seven linears of every
-     block for QuantLinears in place; GPTQ runs block by block on calibration windows.
-A quantized model is saved as integer codes (two per byte at 4 bits), scales and zero points and
-reloaded bit for bit without calibration by data/models/quantized.py.
+     block for QuantLinears in place;
+  5. GPTQ, the other weight quantizer: block by block on calibration windows.
+A quantized model can be saved as integer codes and reloaded without calibration
+(extras/quantized_checkpoint.py).
 
 Run it through eval.py, which quantizes a checkpoint and measures what it costs:
     python eval.py --model smollm2-135m-instruct --w-bits 4 --a-bits 4 --quant gptq --ppl
@@ -139,7 +140,7 @@ def fake_quantize(x: torch.Tensor, bits: int, granularity: str = "row", group_si
 
 
 # ----------------------------------------------------------------------------------
-# 2. Weight quantizers: round-to-nearest (with MSE clip search) and GPTQ
+# 2. Weight quantizer: round-to-nearest, with the MSE clip search
 
 @torch.no_grad()
 def mse_clip_ratio(rows: torch.Tensor, bits: int, symmetric: bool = True, norm: float = 2.4,
@@ -165,7 +166,7 @@ def mse_clip_ratio(rows: torch.Tensor, bits: int, symmetric: bool = True, norm: 
 def weight_clip_ratio(weight: torch.Tensor, bits: int, group_size: int | None = None,
                       symmetric: bool = True) -> torch.Tensor:
     """mse_clip_ratio of a weight (out, in), per output channel or group: (rows, 1). The search
-    makes 80 passes: chunks of rows that stay in cache make it ~2x faster."""
+    makes 80 passes over the weight, so it runs on chunks of rows that stay in cache."""
     rows = group_rows(weight, "row" if group_size is None else "group", group_size).float()
     return torch.cat([mse_clip_ratio(chunk, bits, symmetric) for chunk in rows.split(max(1, 2 ** 18 // rows.shape[1]))])
 
@@ -188,7 +189,7 @@ def quantize_weight_rtn(weight: torch.Tensor, bits: int, group_size: int | None 
                         return_grid: bool = False, clip_ratio: torch.Tensor | None = None) -> "torch.Tensor | WeightOnGrid":
     """Round-to-nearest weight quantization; returns the dequantized weight (same dtype), or
     with return_grid a WeightOnGrid of a weight (out, in). clip_ratio (rows, 1): fixed clip
-    ratios instead of the search (rotate.learn_rotation re-searches them now and then).
+    ratios instead of the search (extras/spinquant.py re-searches them now and then).
     Differentiable by the straight-through estimator (the grid is chosen without gradient)."""
     check_bits(bits, "w_bits")
     rows = group_rows(weight, "row" if group_size is None else "group", group_size)
@@ -210,139 +211,6 @@ class WeightOnGrid(NamedTuple):
     dequantized: torch.Tensor  # (out, in)
     scale: torch.Tensor        # (out, n_groups), > 0
     zero: torch.Tensor         # (out, n_groups), integer-valued floats
-
-
-def inverse_hessian_factor(H: torch.Tensor, damp_ratio: float) -> torch.Tensor:
-    """The upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), float32: its row i says how
-    quantizing column i moves the columns after it. Dampening (a share of the mean diagonal) keeps
-    H invertible.
-
-    H^-1 is never formed. With J the order-reversing permutation, Cholesky of the flipped matrix
-    J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper triangular; so H^-1 = U^T U with
-    U = (J L J)^-1 = J L^-1 J, upper triangular with a positive diagonal: the factor (it is unique).
-    One Cholesky and one triangular solve instead of a Cholesky, an inverse and a second Cholesky:
-    several times faster, which is what lets GPTQ run on LLaMA-2-7B's 11008-wide down_proj on a
-    CPU (tests/test_recipe.py)."""
-    n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
-    L = torch.linalg.cholesky((H + damp_ratio * H.diagonal().mean() * eye).flip(0, 1))
-    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).float()
-
-
-class PreparedHessian(NamedTuple):
-    """What GPTQ needs of a Hessian, whatever the weight: computed once for all the linears that
-    read one input (q/k/v, gate/up), since the factor is the costly part (a Cholesky and a
-    triangular solve of in x in: 30 s for LLaMA-2-7B's 11008-wide down_proj input on 2 CPU cores)."""
-    factor: torch.Tensor       # (in, in) inverse_hessian_factor, rows and columns in quantization order
-    dead: torch.Tensor         # (in,) bool: inputs that were always zero
-    perm: torch.Tensor | None  # (in,) the quantization order (act_order), or None: left to right
-
-
-@torch.no_grad()
-def prepare_hessian(hessian: torch.Tensor, damp_ratio: float = 0.01, act_order: bool = False) -> PreparedHessian:
-    H = hessian.detach().double().clone()  # (in, in)
-    dead = H.diagonal() == 0  # inputs that were always zero: their weights do not matter
-    H[dead, dead] = 1
-    perm = None
-    if act_order:  # quantize the columns with the largest inputs first
-        perm = torch.argsort(H.diagonal(), descending=True)
-        H = H[perm][:, perm]
-    return PreparedHessian(inverse_hessian_factor(H, damp_ratio), dead, perm)
-
-
-@torch.no_grad()
-def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, bits: int,
-                         group_size: int | None = None, symmetric: bool = True,
-                         clip_search: bool = True, block_size: int = 128,
-                         damp_ratio: float = 0.01, act_order: bool = False,
-                         return_grid: bool = False) -> torch.Tensor | WeightOnGrid:
-    """GPTQ (Frantar et al. 2022, Algorithm 1) for one linear; returns the dequantized weight.
-
-    weight: (out, in); hessian: (in, in) = 2/n sum_tokens x x^T of this linear's inputs, or
-    prepare_hessian's result for it (then damp_ratio and act_order are the ones it was prepared with).
-    Columns are quantized left to right; each column's rounding error is spread over
-    the columns not yet quantized, weighted by the inverse Hessian, so that the layer's
-    output on the calibration inputs (not the weight itself) stays close.
-
-    act_order: quantize the columns in order of decreasing diag(H) instead; with groups
-    their grids are then "static", chosen up front from the weight's original groups.
-    return_grid: return a WeightOnGrid (dequantized, scale, zero) with the grid every
-    value was rounded onto. Needed because a group's grid is chosen during the algorithm,
-    from its columns after the earlier errors were spread onto them: it cannot be
-    recomputed from the weight afterwards.
-    """
-    check_bits(bits, "w_bits")
-    qmin, qmax = integer_range(bits, symmetric)
-    W = weight.detach().float().clone()  # (out, in)
-    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, damp_ratio, act_order)
-    H_inv, dead, perm = prepared
-    act_order = perm is not None
-    n_cols = W.shape[1]
-    if group_size is not None:
-        group_rows(W, "group", group_size)  # checks that group_size divides the width
-        # groups must not straddle a block, so that a group's grid is chosen from its
-        # columns after all earlier errors have been spread onto them
-        block_size = max(group_size, block_size // group_size * group_size)
-
-    W[:, dead] = 0
-    # grids[g] = (scale, zero), each (out, 1): the grid of the g-th group of original columns
-    n_groups = 1 if group_size is None else n_cols // group_size
-    grids = [None] * n_groups
-    if group_size is None:  # one grid per output channel, from the whole row
-        scale, zero = weight_scale_zero(W, bits, None, symmetric, clip_search)
-        grids[0] = (scale, zero)
-    elif act_order:  # static groups: fixed up front in the original column order
-        grids = [weight_scale_zero(W[:, c:c + group_size], bits, None, symmetric, clip_search)
-                 for c in range(0, n_cols, group_size)]
-    if act_order:  # in prepare_hessian's order: the columns with the largest inputs first
-        W = W[:, perm]
-    Q = torch.zeros_like(W)
-    for b1 in range(0, n_cols, block_size):
-        b2 = min(b1 + block_size, n_cols)
-        W_block = W[:, b1:b2].clone()
-        err_block = torch.zeros_like(W_block)
-        H_inv_block = H_inv[b1:b2, b1:b2]
-        for i in range(b2 - b1):
-            col = b1 + i
-            if group_size is not None:
-                if act_order:
-                    scale, zero = grids[int(perm[col]) // group_size]
-                elif col % group_size == 0:  # a new group: its grid from its columns as updated so far
-                    scale, zero = weight_scale_zero(W_block[:, i:i + group_size], bits, None,
-                                                    symmetric, clip_search)
-                    grids[col // group_size] = (scale, zero)
-            w = W_block[:, i:i + 1]  # (out, 1)
-            q = round_to_grid(w, scale, None if symmetric else zero, qmin, qmax)
-            Q[:, col:col + 1] = q
-            err = (w - q) / H_inv_block[i, i]
-            W_block[:, i:] -= err * H_inv_block[i:i + 1, i:]  # rank-1 update, (out, 1) * (1, rest)
-            err_block[:, i:i + 1] = err
-        W[:, b2:] -= err_block @ H_inv[b1:b2, b2:]  # lazy batch update of the later columns
-    if act_order:
-        Q = Q[:, torch.argsort(perm)]
-    if not return_grid:
-        return Q.to(weight.dtype)
-    scales = torch.cat([group_scale for group_scale, _ in grids], dim=1)  # (out, n_groups)
-    zeros = torch.cat([group_zero for _, group_zero in grids], dim=1)     # (out, n_groups)
-    return WeightOnGrid(Q.to(weight.dtype), scales, zeros)
-
-
-class HessianAccumulator:
-    """H = 2/n sum x x^T over every token x fed to `add`; sums in float64 so that many
-    calibration batches do not lose precision."""
-
-    def __init__(self, n_features: int, device=None):
-        self.sum_xxt = torch.zeros(n_features, n_features, dtype=torch.float64, device=device)
-        self.n_tokens = 0
-
-    @torch.no_grad()
-    def add(self, x: torch.Tensor):
-        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        self.sum_xxt += (x.T @ x).double()
-        self.n_tokens += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        return self.sum_xxt * (2.0 / max(self.n_tokens, 1))
 
 
 # ----------------------------------------------------------------------------------
@@ -499,6 +367,207 @@ def _quantizable_linear(block: nn.Module, path: str, where: str) -> nn.Module:
     return module
 
 
+def _with_kv_quantizer(current: nn.Module, quantizer: ActQuantizer) -> nn.Module:
+    """Put the quantizer after whatever transform another stage placed on K or V."""
+    if isinstance(current, (nn.Identity, ActQuantizer)):
+        return quantizer
+    return nn.Sequential(current, quantizer)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calibration: torch.Tensor | None = None,
+                   progress: bool = True, **overrides) -> nn.Module:
+    """Fake-quantize a model.py Transformer in place and return it.
+
+    `quantize_model(model, w_bits=4, a_bits=4)` or `quantize_model(model, QuantConfig(...))`;
+    keyword overrides are QuantConfig fields. The seven linears of every block are replaced
+    by QuantLinears (accepted: nn.Linear, QuantLinear, or a merged wrapper such as lora.py's
+    LoRALinear, through its effective `.weight`). Bits of 16 add no quantizer at all.
+    GPTQ needs `calibration`, a LongTensor (N, T) of token windows (not the evaluation text).
+    On a rotated model the down_proj quantizer sees the input after mlp.down_input_transform,
+    the online Hadamard, because it sits inside down_proj.
+    For QAT (train.py --qat): the activation quantizers pass gradients by the STE; with
+    LoRA, quantize first and add the adapters on top (the frozen base keeps its stored
+    quantized weight, the adapter path is not quantized); for full-weight QAT set
+    quantize_weight_every_forward=True.
+    """
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(QuantConfig)}
+    if unknown:
+        raise TypeError(f"quant.py: quantize_model got unknown option(s) {sorted(unknown)}")
+    config = dataclasses.replace(config or QuantConfig(), **overrides)
+    config.validate()
+    if config.w_method == "gptq" and config.w_bits < 16:
+        if calibration is None:
+            raise ValueError("quant.py: w_method='gptq' needs calibration data: pass calibration=<LongTensor "
+                             "(N, T) of token windows> (e.g. calibration_windows(tokens, 128, 2048))")
+        gptq_quantize_blocks(model, calibration, config, progress)
+    rtn_bits = config.w_bits if config.w_method == "rtn" else 16  # GPTQ weights are already on the grid
+    activation = dict(a_symmetric=config.a_symmetric, a_clip_ratio=config.a_clip_ratio)
+    for layer_idx, block in enumerate(model.layers):
+        if rtn_bits < 16 or config.a_bits < 16:
+            for path in BLOCK_LINEARS:
+                linear = _quantizable_linear(block, path, f"layers.{layer_idx}.{path}")
+                replace_module(block, path, QuantLinear.from_linear(
+                    linear, rtn_bits, config.a_bits, w_group_size=config.w_group_size,
+                    w_symmetric=config.w_symmetric, w_clip_search=config.w_clip_search,
+                    quantize_weight_every_forward=config.quantize_weight_every_forward, **activation))
+        if config.kv_bits < 16:  # after R3 on K (rotate_qk) and on V after R2 (folded into v_proj)
+            attn = block.self_attn
+            kv_quantizer = lambda: ActQuantizer(config.kv_bits, config.kv_symmetric, config.kv_clip_ratio)
+            attn.key_transform = _with_kv_quantizer(attn.key_transform, kv_quantizer())
+            attn.value_transform = _with_kv_quantizer(attn.value_transform, kv_quantizer())
+    if config.quantize_lm_head_input and config.a_bits < 16:  # lm_head's weight (maybe tied) untouched
+        model.lm_head = QuantLinear.from_linear(model.lm_head, 16, config.a_bits, **activation)
+    model.quant_config = config
+    return model
+
+
+def calibration_windows(tokens, n_windows: int = 128, seq_len: int = 2048, seed: int = 0) -> torch.Tensor:
+    """n_windows random windows of seq_len tokens from one token stream, (N, T) LongTensor
+    (GPTQ's reference samples its calibration this way)."""
+    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
+    if tokens.numel() <= seq_len:
+        raise ValueError(f"quant.py: calibration stream has {tokens.numel()} tokens, fewer than one "
+                         f"window of seq_len={seq_len}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len, (n_windows,), generator=generator)
+    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+
+
+# ----------------------------------------------------------------------------------
+# 5. GPTQ (Frantar et al. 2022): the weight quantizer that spreads each rounding error over the
+#    columns not yet rounded, block by block on calibration windows
+
+def inverse_hessian_factor(H: torch.Tensor, damp_ratio: float) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), float32: its row i says how
+    quantizing column i moves the columns after it. Dampening (a share of the mean diagonal) keeps
+    H invertible.
+
+    H^-1 is never formed. With J the order-reversing permutation, Cholesky of the flipped matrix
+    J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper triangular; so H^-1 = U^T U with
+    U = (J L J)^-1 = J L^-1 J, upper triangular with a positive diagonal: the factor (it is unique).
+    One Cholesky and one triangular solve instead of a Cholesky, an inverse and a second Cholesky."""
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    L = torch.linalg.cholesky((H + damp_ratio * H.diagonal().mean() * eye).flip(0, 1))
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).float()
+
+
+class PreparedHessian(NamedTuple):
+    """What GPTQ needs of a Hessian, whatever the weight: computed once for all the linears that
+    read one input (q/k/v, gate/up), since the factor is the costly part (a Cholesky and a
+    triangular solve of in x in)."""
+    factor: torch.Tensor       # (in, in) inverse_hessian_factor, rows and columns in quantization order
+    dead: torch.Tensor         # (in,) bool: inputs that were always zero
+    perm: torch.Tensor | None  # (in,) the quantization order (act_order), or None: left to right
+
+
+@torch.no_grad()
+def prepare_hessian(hessian: torch.Tensor, damp_ratio: float = 0.01, act_order: bool = False) -> PreparedHessian:
+    H = hessian.detach().double().clone()  # (in, in)
+    dead = H.diagonal() == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1
+    perm = None
+    if act_order:  # quantize the columns with the largest inputs first
+        perm = torch.argsort(H.diagonal(), descending=True)
+        H = H[perm][:, perm]
+    return PreparedHessian(inverse_hessian_factor(H, damp_ratio), dead, perm)
+
+
+@torch.no_grad()
+def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor | PreparedHessian, bits: int,
+                         group_size: int | None = None, symmetric: bool = True,
+                         clip_search: bool = True, block_size: int = 128,
+                         damp_ratio: float = 0.01, act_order: bool = False,
+                         return_grid: bool = False) -> torch.Tensor | WeightOnGrid:
+    """GPTQ (Frantar et al. 2022, Algorithm 1) for one linear; returns the dequantized weight.
+
+    weight: (out, in); hessian: (in, in) = 2/n sum_tokens x x^T of this linear's inputs, or
+    prepare_hessian's result for it (then damp_ratio and act_order are the ones it was prepared with).
+    Columns are quantized left to right; each column's rounding error is spread over
+    the columns not yet quantized, weighted by the inverse Hessian, so that the layer's
+    output on the calibration inputs (not the weight itself) stays close.
+
+    act_order: quantize the columns in order of decreasing diag(H) instead; with groups
+    their grids are then "static", chosen up front from the weight's original groups.
+    return_grid: return a WeightOnGrid (dequantized, scale, zero) with the grid every
+    value was rounded onto. Needed because a group's grid is chosen during the algorithm,
+    from its columns after the earlier errors were spread onto them: it cannot be
+    recomputed from the weight afterwards.
+    """
+    check_bits(bits, "w_bits")
+    qmin, qmax = integer_range(bits, symmetric)
+    W = weight.detach().float().clone()  # (out, in)
+    prepared = hessian if isinstance(hessian, PreparedHessian) else prepare_hessian(hessian, damp_ratio, act_order)
+    H_inv, dead, perm = prepared
+    act_order = perm is not None
+    n_cols = W.shape[1]
+    if group_size is not None:
+        group_rows(W, "group", group_size)  # checks that group_size divides the width
+        # groups must not straddle a block, so that a group's grid is chosen from its
+        # columns after all earlier errors have been spread onto them
+        block_size = max(group_size, block_size // group_size * group_size)
+
+    W[:, dead] = 0
+    # grids[g] = (scale, zero), each (out, 1): the grid of the g-th group of original columns
+    n_groups = 1 if group_size is None else n_cols // group_size
+    grids = [None] * n_groups
+    if group_size is None:  # one grid per output channel, from the whole row
+        scale, zero = weight_scale_zero(W, bits, None, symmetric, clip_search)
+        grids[0] = (scale, zero)
+    elif act_order:  # static groups: fixed up front in the original column order
+        grids = [weight_scale_zero(W[:, c:c + group_size], bits, None, symmetric, clip_search)
+                 for c in range(0, n_cols, group_size)]
+    if act_order:  # in prepare_hessian's order: the columns with the largest inputs first
+        W = W[:, perm]
+    Q = torch.zeros_like(W)
+    for b1 in range(0, n_cols, block_size):
+        b2 = min(b1 + block_size, n_cols)
+        W_block = W[:, b1:b2].clone()
+        err_block = torch.zeros_like(W_block)
+        H_inv_block = H_inv[b1:b2, b1:b2]
+        for i in range(b2 - b1):
+            col = b1 + i
+            if group_size is not None:
+                if act_order:
+                    scale, zero = grids[int(perm[col]) // group_size]
+                elif col % group_size == 0:  # a new group: its grid from its columns as updated so far
+                    scale, zero = weight_scale_zero(W_block[:, i:i + group_size], bits, None,
+                                                    symmetric, clip_search)
+                    grids[col // group_size] = (scale, zero)
+            w = W_block[:, i:i + 1]  # (out, 1)
+            q = round_to_grid(w, scale, None if symmetric else zero, qmin, qmax)
+            Q[:, col:col + 1] = q
+            err = (w - q) / H_inv_block[i, i]
+            W_block[:, i:] -= err * H_inv_block[i:i + 1, i:]  # rank-1 update, (out, 1) * (1, rest)
+            err_block[:, i:i + 1] = err
+        W[:, b2:] -= err_block @ H_inv[b1:b2, b2:]  # lazy batch update of the later columns
+    if act_order:
+        Q = Q[:, torch.argsort(perm)]
+    if not return_grid:
+        return Q.to(weight.dtype)
+    scales = torch.cat([group_scale for group_scale, _ in grids], dim=1)  # (out, n_groups)
+    zeros = torch.cat([group_zero for _, group_zero in grids], dim=1)     # (out, n_groups)
+    return WeightOnGrid(Q.to(weight.dtype), scales, zeros)
+
+
+class HessianAccumulator:
+    """H = 2/n sum x x^T over every token x fed to `add`; sums in float64 so that many
+    calibration batches do not lose precision."""
+
+    def __init__(self, n_features: int, device=None):
+        self.sum_xxt = torch.zeros(n_features, n_features, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor):
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.sum_xxt += (x.T @ x).double()
+        self.n_tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.sum_xxt * (2.0 / max(self.n_tokens, 1))
+
+
 class _StopForward(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward is not run."""
 
@@ -566,69 +635,3 @@ def gptq_quantize_blocks(model: nn.Module, calibration: torch.Tensor, config: Qu
                 replace_module(block, path, QuantLinear(weight, getattr(linear, "bias", None), grid=grid))
         # this block's outputs, with its quantized weights, are the next block's inputs
         block_inputs = [(block(x, *args, **kwargs), args, kwargs) for x, args, kwargs in block_inputs]
-
-
-def _with_kv_quantizer(current: nn.Module, quantizer: ActQuantizer) -> nn.Module:
-    """Put the quantizer after whatever transform another stage placed on K or V."""
-    if isinstance(current, (nn.Identity, ActQuantizer)):
-        return quantizer
-    return nn.Sequential(current, quantizer)
-
-
-def quantize_model(model: nn.Module, config: QuantConfig | None = None, *, calibration: torch.Tensor | None = None,
-                   progress: bool = True, **overrides) -> nn.Module:
-    """Fake-quantize a model.py Transformer in place and return it.
-
-    `quantize_model(model, w_bits=4, a_bits=4)` or `quantize_model(model, QuantConfig(...))`;
-    keyword overrides are QuantConfig fields. The seven linears of every block are replaced
-    by QuantLinears (accepted: nn.Linear, QuantLinear, or a merged wrapper such as lora.py's
-    LoRALinear, through its effective `.weight`). Bits of 16 add no quantizer at all.
-    GPTQ needs `calibration`, a LongTensor (N, T) of token windows (not the evaluation text).
-    On a rotated model the down_proj quantizer sees the input after mlp.down_input_transform,
-    the online Hadamard, because it sits inside down_proj.
-    For QAT (train.py --qat): the activation quantizers pass gradients by the STE; with
-    LoRA, quantize first and add the adapters on top (the frozen base keeps its stored
-    quantized weight, the adapter path is not quantized); for full-weight QAT set
-    quantize_weight_every_forward=True.
-    """
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(QuantConfig)}
-    if unknown:
-        raise TypeError(f"quant.py: quantize_model got unknown option(s) {sorted(unknown)}")
-    config = dataclasses.replace(config or QuantConfig(), **overrides)
-    config.validate()
-    if config.w_method == "gptq" and config.w_bits < 16:
-        if calibration is None:
-            raise ValueError("quant.py: w_method='gptq' needs calibration data: pass calibration=<LongTensor "
-                             "(N, T) of token windows> (e.g. calibration_windows(tokens, 128, 2048))")
-        gptq_quantize_blocks(model, calibration, config, progress)
-    rtn_bits = config.w_bits if config.w_method == "rtn" else 16  # GPTQ weights are already on the grid
-    activation = dict(a_symmetric=config.a_symmetric, a_clip_ratio=config.a_clip_ratio)
-    for layer_idx, block in enumerate(model.layers):
-        if rtn_bits < 16 or config.a_bits < 16:
-            for path in BLOCK_LINEARS:
-                linear = _quantizable_linear(block, path, f"layers.{layer_idx}.{path}")
-                replace_module(block, path, QuantLinear.from_linear(
-                    linear, rtn_bits, config.a_bits, w_group_size=config.w_group_size,
-                    w_symmetric=config.w_symmetric, w_clip_search=config.w_clip_search,
-                    quantize_weight_every_forward=config.quantize_weight_every_forward, **activation))
-        if config.kv_bits < 16:  # after R3 on K (rotate_qk) and on V after R2 (folded into v_proj)
-            attn = block.self_attn
-            kv_quantizer = lambda: ActQuantizer(config.kv_bits, config.kv_symmetric, config.kv_clip_ratio)
-            attn.key_transform = _with_kv_quantizer(attn.key_transform, kv_quantizer())
-            attn.value_transform = _with_kv_quantizer(attn.value_transform, kv_quantizer())
-    if config.quantize_lm_head_input and config.a_bits < 16:  # lm_head's weight (maybe tied) untouched
-        model.lm_head = QuantLinear.from_linear(model.lm_head, 16, config.a_bits, **activation)
-    model.quant_config = config
-    return model
-
-
-def calibration_windows(tokens, n_windows: int = 128, seq_len: int = 2048, seed: int = 0) -> torch.Tensor:
-    """n_windows random windows of seq_len tokens from one token stream, (N, T) LongTensor
-    (GPTQ's reference samples its calibration this way)."""
-    tokens = torch.as_tensor(tokens, dtype=torch.long).flatten()
-    if tokens.numel() <= seq_len:
-        raise ValueError(f"quant.py: calibration stream has {tokens.numel()} tokens, fewer than one "
-                         f"window of seq_len={seq_len}")
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seq_len, (n_windows,), generator=generator)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])

@@ -4,52 +4,43 @@ RoLoRA step 1 (arXiv 2407.08044, recipe in ../shared/docs/PAPERS.md): fold every
 into the linears that read it, then multiply the residual stream by a random-sign Hadamard matrix
 Q (R1: x -> xQ). RMSNorm only rescales a vector, so it commutes with an orthogonal Q and the
 network's function is unchanged, but an outlier channel is spread over all channels. An online
-Hadamard before down_proj (R4) does the same for the SwiGLU output, an optional per-head
-Hadamard between v_proj and o_proj (R2) for the attention values, and an optional online one on
-queries and keys (R3) for the keys the KV cache stores.
+Hadamard before down_proj (R4) does the same for the SwiGLU output. Two options go beyond RoLoRA
+(QuaRot's): a per-head Hadamard between v_proj and o_proj (R2) for the attention values, and an
+online one on queries and keys (R3) for the keys a quantized KV cache stores.
 
-R1 and R2 may also be learned instead of drawn (SpinQuant): `learn_rotation` starts from the
-Hadamards and takes Cayley SGD steps on the orthogonal group that lower the quantized model's
-loss on calibration text; `rotate_model(..., learned=...)` folds the result in exactly as it
-folds a Hadamard (train.py --rotation learned).
-
-The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, R3, `rotate_model` (a
-rotated model is saved and reloaded by data/models/rotated.py); 2. the random-sign Hadamard
-matrix and its fast Walsh-Hadamard transform; 3. `activation_stats`, which measures the outliers
-before and after; 4. learned R1 and R2: `cayley_step`, `learn_rotation`; 5. how the Hadamard
-matrices are built, from Sylvester's and Paley's constructions (any n = K * 2^m they reach, else
-a reported random orthogonal fallback): read it last, or never.
+The file, top to bottom: 1. the method: fold the norms, R1, R4, R2, R3, `rotate_model`;
+2. a rotated model saved and loaded back (`save_rotated`, `load_rotated`: the weights and
+rotation.json); 3. the random-sign Hadamard matrix and its fast Walsh-Hadamard transform;
+4. `activation_stats`, which measures the outliers before and after; 5. how the Hadamard matrices
+are built, from Sylvester's and Paley's constructions (any n = K * 2^m they reach, else a reported
+random orthogonal fallback): read it last, or never. R1 and R2 may also be learned instead of drawn
+(SpinQuant, extras/spinquant.py); rotate_model folds such matrices in as it folds a Hadamard.
 
     python rotate.py --model smollm2-135m-instruct          # outlier table, original vs rotated
     python rotate.py --sizes 576,1536,11008,29568           # which Hadamard each size gets
 """
-import copy
 import functools
 import hashlib
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
+from data.models import resolve_model_dir
+from data.options import BadKey, BadValue, MissingFile, check_options, one_line_errors, option, option_group, parse_config
+from data.tokenizer import Tokenizer
 from data.wikitext2.prepare import load_test_text
-from data.models import load_model
-from data.options import option, option_group, parse_config
-from model import BLOCK_INPUTS, RESIDUAL_WRITERS
-from quant import QuantConfig, QuantLinear, quantize_model, quantize_weight_rtn, weight_clip_ratio  # a learned rotation is learned under the quantizers
+from model import BLOCK_INPUTS, RESIDUAL_WRITERS, load_checkpoint, read_config, save_checkpoint, write_atomically
 
 ROOT = Path(__file__).resolve().parent
 FALLBACK_SEED = 0  # seed of the random orthogonal factor for orders no construction reaches
 
-
 # -----------------------------------------------------------------------------
-# 1. Rotating a model in place: fold the norms, R1, R4, R2 (the method)
+# 1. Rotating a model in place: fold the norms, R1, R4, R2, R3 (the method)
 
 
 @torch.no_grad()
@@ -181,34 +172,18 @@ def add_online_qk_hadamards(model):
 
 @dataclass
 class RotationConfig:
-    """Which rotations, and how R1 (and R2) are chosen; train.py, eval.py and rotate.py take each as
-    a flag (only train.py learns rotations: it has the calibration text)."""
+    """Which rotations besides R1; train.py, eval.py and rotate.py take each as a flag."""
     online_down_proj: bool = option(True, "R4: online Hadamard on the down_proj input")
     rotate_ov: bool = option(False, "R2: per-head Hadamard on the values, folded into v_proj and o_proj")
     rotate_qk: bool = option(False, "R3: online per-head Hadamard on queries and keys after rotary "
                              "(rotates the K cache, for a quantized KV cache)")
-    kind: str = option("random", "R1 (and R2 with --rotate-ov): random, the seeded random-sign Hadamard; or "
-                       "learned, Cayley SGD from it on the quantized model's calibration loss (SpinQuant)",
-                       choices=("random", "learned"), aliases=("--rotation",))
-    learn_steps: int = option(20, "with --rotation learned: Cayley SGD steps (SpinQuant: 100)", at_least=0)
-    learn_lr: float = option(0.05, "with --rotation learned: Cayley SGD step size, cosine-decayed; a step turns R1 "
-                             "by about lr x grad (the progress bar's grad)", at_least=0.0)
-    learn_windows: int = option(32, "with --rotation learned: calibration windows from the training data "
-                                "(SpinQuant: 800)", at_least=1)
-    learn_seq_len: int = option(512, "with --rotation learned: tokens per calibration window (SpinQuant: 2048)",
-                                at_least=2)
-    learn_batch_size: int = option(2, "with --rotation learned: windows per step (SpinQuant: 8)", at_least=1)
-    learn_clip_every: int = option(4, "with --rotation learned and RTN weights: learn under the MSE clip search, "
-                                   "its per-row clip ratios searched again every N steps (0: a min-max grid; "
-                                   "README: 109.7 against 158.2 W4A4 ppl)",
-                                   at_least=0)
 
     def layout(self) -> dict:
-        """rotate_model's options: which rotations there are (not how R1 and R2 are chosen)."""
+        """rotate_model's options."""
         return dict(online_down_proj=self.online_down_proj, rotate_ov=self.rotate_ov, rotate_qk=self.rotate_qk)
 
 
-def _check_plain(model, who: str):
+def check_not_rotated(model, who: str):
     transforms = [m for layer in model.layers for m in (layer.mlp.down_input_transform,
                   layer.self_attn.query_transform, layer.self_attn.key_transform)]
     if getattr(model, "rotation", None) is not None or any(not isinstance(m, nn.Identity) for m in transforms):
@@ -221,9 +196,9 @@ def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov:
                  rotate_qk: bool = False, learned: "LearnedRotation | None" = None) -> dict:
     """Rotate a plain model in place; returns the record (also kept as model.rotation).
 
-    learned (learn_rotation's result): its R1, and its R2 if it has one, instead of the seed's
-    Hadamards; it is kept as model.learned_rotation, which data/models/rotated.py saves beside the record."""
-    _check_plain(model, "rotate_model")
+    learned (extras/spinquant.py's learn_rotation): its R1, and its R2 if it has one, instead of the
+    seed's Hadamards; it is kept as model.learned_rotation, which save_rotated saves beside the record."""
+    check_not_rotated(model, "rotate_model")
     cfg = model.config
     if learned is not None:
         learned.check_fits(cfg, rotate_ov)
@@ -255,7 +230,135 @@ def rotate_model(model, seed: int = 0, online_down_proj: bool = True, rotate_ov:
 
 
 # -----------------------------------------------------------------------------
-# 2. The rotation itself: a random-sign Hadamard matrix and its fast transform
+# 2. A rotated model saved and loaded back
+#
+# rotate_model changes the weights (norms folded, R1, R4's inverse in down_proj, R2) and adds online
+# Hadamards: with R4 one before every down_proj (such weights are a plain LLaMA only together with
+# it), with R3 one on every query and key head. So a rotated directory carries its record
+# (rotation.json, one of model.STAGE_RECORDS, so model.load_checkpoint refuses it) and load_rotated
+# puts the online modules back. Given matrices (a learned rotation, extras/spinquant.py) are folded
+# in like a Hadamard, and kept beside the record (rotation.safetensors, float64, checksummed by the
+# record): read back bit for bit, they rebuild the same rotated model from the original one.
+# extras/hf_export.py writes the other form, R4 folded back, that any LLaMA loader runs unchanged.
+
+LEARNED_ROTATION_FILE = "rotation.safetensors"  # beside rotation.json
+ROTATION_RECORD = "rotation.json"                # one of model.STAGE_RECORDS
+
+
+@dataclass
+class LearnedRotation:
+    """R1 (and R2) given as matrices, learned by extras/spinquant.py, instead of the seed's Hadamards."""
+    r1: torch.Tensor          # (hidden, hidden) float64, orthogonal
+    r2: torch.Tensor | None   # (layers, head_dim, head_dim) float64, one for all heads of a layer; or None
+    info: dict                # how it was learned (JSON): steps, lr, windows, loss per step, seconds
+
+    def digest(self) -> str:
+        """sha256 of the matrices' float64 bytes: the record names the exact matrices it was made with."""
+        h = hashlib.sha256(self.r1.double().contiguous().numpy().tobytes())
+        if self.r2 is not None:
+            h.update(self.r2.double().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def check_fits(self, config, rotate_ov: bool):
+        shapes = [(self.r1, (config.hidden_size,) * 2, "r1")]
+        if self.r2 is not None:
+            shapes.append((self.r2, (config.num_hidden_layers, config.head_dim, config.head_dim), "r2"))
+            if not rotate_ov:
+                raise ValueError("rotate_model: the learned rotation has an R2; rotate with rotate_ov=True")
+        for tensor, shape, name in shapes:
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"rotate_model: learned {name} has shape {tuple(tensor.shape)}, "
+                                 f"the model needs {shape}")
+
+
+def save_rotated(model, record: dict, path):
+    """save_checkpoint (HF layout, norms folded, weights rotated) + rotation.json (the record), and
+    for a learned rotation rotation.safetensors (model.learned_rotation). With R4 the weights alone
+    are not a plain LLaMA: they need the online Hadamard, so the record is written first (atomically): a directory never holds the weights without it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_rotation_record(path, record, getattr(model, "learned_rotation", None))
+    save_checkpoint(model, path)
+
+
+def write_rotation_record(path: Path, record: dict, learned: LearnedRotation | None):
+    """rotation.json, and for a learned rotation its matrices (LEARNED_ROTATION_FILE) first."""
+    if "learned" in record:
+        if learned is None or learned.digest() != record["learned"]["sha256"]:
+            digest = record["learned"]["sha256"][:12]
+            raise ValueError(f"save: the rotation record names learned matrices (sha256 {digest}...) that the "
+                             "model's learned_rotation does not hold")
+        save_learned_rotation(learned, path)
+    else:
+        (path / LEARNED_ROTATION_FILE).unlink(missing_ok=True)  # an earlier save's, in this directory
+    write_atomically(path / ROTATION_RECORD, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+
+
+def save_learned_rotation(learned: LearnedRotation, path):
+    """DIR/rotation.safetensors: r1 (and r2) in float64, how they were learned in its metadata."""
+    from safetensors.torch import save_file
+    tensors = {"r1": learned.r1.double().contiguous()}
+    if learned.r2 is not None:
+        tensors["r2"] = learned.r2.double().contiguous()
+    metadata = {"info": json.dumps(learned.info)}
+    write_atomically(Path(path) / LEARNED_ROTATION_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_learned_rotation(path, record: dict | None = None) -> LearnedRotation:
+    """DIR/rotation.safetensors back, bit for bit; given the record, checked against its sha256."""
+    from safetensors import safe_open
+    file = Path(path) / LEARNED_ROTATION_FILE
+    if not file.is_file():
+        raise MissingFile(f"{file}: missing, but the rotation record says the rotation was learned")
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        info = json.loads(f.metadata()["info"])
+    learned = LearnedRotation(tensors["r1"], tensors.get("r2"), info)
+    if record is not None and learned.digest() != record["learned"]["sha256"]:
+        raise BadValue(f"{file}: these matrices are not the ones {ROTATION_RECORD} names (sha256 "
+                         f"{learned.digest()[:12]}... != {record['learned']['sha256'][:12]}...)")
+    return learned
+
+
+def read_rotation_record(path, model_config=None) -> dict | None:
+    """The rotation record of a checkpoint directory (None when it has none), checked for its keys
+    and, given the directory's ModelConfig, for the sizes it was rotated at."""
+    record_file = Path(path) / ROTATION_RECORD
+    if not record_file.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+    except json.JSONDecodeError as e:
+        raise BadValue(f"{record_file}: not valid JSON ({e})") from None
+    missing = [k for k in ("seed", "r4", "r2", "hidden_size", "intermediate_size", "head_dim") if k not in record]
+    if missing:
+        raise BadKey(f"{record_file}: missing key(s) {missing}")
+    record.setdefault("r3", False)  # records written before R3 existed
+    for key in ("hidden_size", "intermediate_size", "head_dim") if model_config is not None else ():
+        if record[key] != getattr(model_config, key):
+            raise BadValue(f"{record_file}: {key}={record[key]} but config.json has {getattr(model_config, key)}")
+    return record
+
+
+def load_rotated(path, dtype=torch.float32, device="cpu"):
+    """Load a checkpoint written by save_rotated and re-insert the online Hadamard modules the
+    record names (R4, R3). The weights are already rotated: they are not rotated again."""
+    path = Path(path)
+    record = read_rotation_record(path, read_config(path))
+    if record is None:
+        raise MissingFile(f"{path / ROTATION_RECORD}: no rotation record; was this saved by save_rotated?")
+    model = load_checkpoint(path, dtype=dtype, device=device, stage_records_ok=True)
+    add_online_hadamards(model, record["r4"], record["r3"])
+    model.rotation = record
+    if "learned" in record:
+        model.learned_rotation = load_learned_rotation(path, record)
+    return model, record
+
+
+# -----------------------------------------------------------------------------
+# 3. The rotation itself: a random-sign Hadamard matrix and its fast transform
+
+
 def walsh_hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """x @ M.T along the last dim (x @ M if transpose), M = hadamard_transform_matrix(n), orthonormal.
 
@@ -357,7 +460,7 @@ _walsh_hadamard.register_autograd(_walsh_hadamard_backward, setup_context=_walsh
 
 
 # -----------------------------------------------------------------------------
-# 3. Measuring outliers
+# 4. Measuring outliers
 
 
 def outlier_stats(x: torch.Tensor) -> dict:
@@ -474,177 +577,6 @@ def plot_outliers(before: dict, after: dict, path: Path, n_tokens: int):
     print(f"wrote {path}")
     return fig
 
-
-# -----------------------------------------------------------------------------
-# 4. Learned rotations (SpinQuant, arXiv 2405.16406): R1 and R2 trained on the orthogonal group.
-#
-# Every orthogonal R1 leaves the full-precision function unchanged, but not the quantized one, and
-# some spread the outliers better than others. (A Hadamard's random signs are no such choice: a
-# symmetric grid rounds -x to -Q(x), so the signs change the quantized model only where values
-# clip at the grid's unequal ends [-8, 7]; tests/test_rotate.py.) SpinQuant starts from the
-# random Hadamard and follows the gradient of the quantized model's next-token loss on
-# calibration text with respect to R1 (and each layer's R2), every weight frozen. The quantizers
-# are those that will follow: activations (and KV) fake-quantized, their gradient passed by the
-# straight-through estimator; weights rounded by RTN when RTN follows, on the grids its MSE clip
-# search picks (a rotation learned on min-max grids is tuned to errors the search then removes:
-# 158 against 110 W4A4 perplexity on SmolLM2, README), but kept at 16 bits when GPTQ follows (GPTQ
-# compensates its own rounding, so a rotation tuned to RTN's errors would be tuned to the wrong
-# ones). The rotated weights are computed from the frozen ones at every step
-# (W R1, R1^T W, ...: rotate_weight, the same function that folds the result), so the model
-# never changes while R1 does. Each step is a Cayley retraction, which keeps R exactly
-# orthogonal, so the learned matrices fold in as the Hadamards do:
-# rotate_model(..., learned=learn_rotation(...)).
-
-LEARNED_ROTATION_FILE = "rotation.safetensors"  # beside rotation.json (data/models/rotated.py)
-
-
-@dataclass
-class LearnedRotation:
-    r1: torch.Tensor          # (hidden, hidden) float64, orthogonal
-    r2: torch.Tensor | None   # (layers, head_dim, head_dim) float64, one for all heads of a layer; or None
-    info: dict                # how it was learned (JSON): steps, lr, windows, loss per step, seconds
-
-    def digest(self) -> str:
-        """sha256 of the matrices' float64 bytes: the record names the exact matrices it was made with."""
-        h = hashlib.sha256(self.r1.double().contiguous().numpy().tobytes())
-        if self.r2 is not None:
-            h.update(self.r2.double().contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def check_fits(self, config, rotate_ov: bool):
-        shapes = [(self.r1, (config.hidden_size,) * 2, "r1")]
-        if self.r2 is not None:
-            shapes.append((self.r2, (config.num_hidden_layers, config.head_dim, config.head_dim), "r2"))
-            if not rotate_ov:
-                raise ValueError("rotate_model: the learned rotation has an R2; rotate with rotate_ov=True")
-        for tensor, shape, name in shapes:
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"rotate_model: learned {name} has shape {tuple(tensor.shape)}, "
-                                 f"the model needs {shape}")
-
-
-def orthogonality_error(R: torch.Tensor) -> float:
-    """max |R R^T - I| (over a batch (..., n, n) too)."""
-    return (R @ R.mT - torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).abs().max().item()
-
-
-def cayley_step(R: torch.Tensor, G: torch.Tensor, lr: float) -> torch.Tensor:
-    """One step of Cayley SGD on the orthogonal group (Li et al. 2020, as SpinQuant), R and the
-    Euclidean gradient G (..., n, n). A = G R^T - R G^T is skew, and A R is G projected onto the
-    group's tangent space at R (the Riemannian gradient). The Cayley transform of a skew matrix,
-    (I + lr/2 A)^-1 (I - lr/2 A), is orthogonal, so R stays orthogonal for any lr up to float
-    rounding, and to first order the step is R - lr A R: steepest descent along the group."""
-    A = G @ R.mT - R @ G.mT
-    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-    return torch.linalg.solve(eye + lr / 2 * A, (eye - lr / 2 * A) @ R)
-
-
-def _quantized_without_r1(model, quant: QuantConfig, online_down_proj: bool, rotate_qk: bool):
-    """A float32 copy with the norms folded, R4 and R3 in place (they do not depend on R1 or R2) and
-    the quantizers that will follow: activations (and KV) as configured, weights by RTN at every
-    forward when RTN follows (on a min-max grid here; learn_rotation gives them the clip search's
-    ratios, searched every few steps: a search is 80 passes over every weight), 16-bit when GPTQ
-    follows. Every weight frozen."""
-    work = copy.deepcopy(model).float()
-    untie_lm_head(work)
-    fuse_rmsnorm_into_linears(work)
-    if online_down_proj:
-        add_online_down_proj_hadamard(work)
-    if rotate_qk:
-        add_online_qk_hadamards(work)
-    rtn = quant.w_method == "rtn" and quant.w_bits < 16
-    quantize_model(work, quant, w_bits=quant.w_bits if rtn else 16, w_method="rtn", w_clip_search=False,
-                   quantize_weight_every_forward=rtn, progress=False)
-    return work.requires_grad_(False).eval()
-
-
-def _fixed_clip_ratios(work, quant: QuantConfig) -> dict:
-    """{weight name: per-row clip ratios (rows, 1)}, one tensor per weight that is quantized at every
-    forward, which its quantizer reads from now on (learn_rotation fills them in place)."""
-    ratios = {}
-    for name, module in work.named_modules():
-        if isinstance(module, QuantLinear) and module.weight_quantizer is not None:
-            n_rows = module.weight.shape[0] * (1 if quant.w_group_size is None else
-                                               module.weight.shape[1] // quant.w_group_size)
-            ratios[f"{name}.weight"] = ratio = torch.ones(n_rows, 1, device=module.weight.device)
-            module.weight_quantizer = functools.partial(quantize_weight_rtn, bits=quant.w_bits, group_size=quant.w_group_size,
-                                              symmetric=quant.w_symmetric, clip_ratio=ratio)
-    return ratios
-
-
-def rotated_weights(frozen: dict, config, r1: torch.Tensor, r2: torch.Tensor | None) -> dict:
-    """{name: rotated weight} for every weight R1 (and R2) change, differentiable in r1 and r2."""
-    dtype = frozen["embed_tokens.weight"].dtype
-    weights = {name: rotate_weight(frozen[name], side, r1.to(dtype))
-               for name, side in residual_stream_sites(config)}
-    for layer, name, side in value_sites(config) if r2 is not None else ():  # v_proj, o_proj: after R1
-        weights[name] = rotate_weight(weights[name], side, r2[layer].to(dtype), config.head_dim)
-    return weights
-
-
-def learn_rotation(model, calibration: torch.Tensor, quant: QuantConfig, steps: int = 20, lr: float = 0.05,
-                   seed: int = 0, learn_r2: bool = False, online_down_proj: bool = True, rotate_qk: bool = False,
-                   batch_size: int = 2, progress: bool = True, clip_every: int = 4) -> LearnedRotation:
-    """R1 (and with learn_r2 one R2 per layer), learned from the seed's Hadamards by `steps` Cayley
-    SGD steps (step size lr, cosine-decayed to 0) on the quantized model's mean next-token loss
-    over `batch_size` windows of `calibration` (N, T) per step (training text, never the
-    evaluation text). `model` is a plain model and is not changed; rotate it with
-    rotate_model(..., rotate_ov=learn_r2, learned=...).
-    clip_every > 0 (RTN weights with quant.w_clip_search): the weights are rounded on the grids the
-    MSE clip search would give, their per-row clip ratios searched again every clip_every steps
-    (a search is 80 passes over every weight, too slow for every step); 0: a min-max grid."""
-    _check_plain(model, "learn_rotation")
-    start = time.perf_counter()
-    work = _quantized_without_r1(model, quant, online_down_proj, rotate_qk)
-    cfg, device = work.config, work.embed_tokens.weight.device
-    frozen = {name: p for name, p in work.named_parameters()}
-    searched = quant.w_method == "rtn" and quant.w_bits < 16 and quant.w_clip_search and clip_every > 0
-    clip_ratios = _fixed_clip_ratios(work, quant) if searched else {}
-    # float64 master copies: thousands of Cayley steps would not move them off the group either
-    r1 = random_hadamard(cfg.hidden_size, seed).to(device)
-    # R2's start is rotate_values_per_head's Hadamard: v -> v M^T for every head of every layer
-    r2 = hadamard_transform_matrix(cfg.head_dim).T.to(device).repeat(cfg.num_hidden_layers, 1, 1) \
-        if learn_r2 else None
-    calibration = calibration.to(device)
-    losses, sizes = [], []  # per step: the loss, |A| of R1
-    bar = tqdm(range(steps), desc="learn rotation", dynamic_ncols=True, disable=not progress)
-    for step in bar:
-        if clip_ratios and step % clip_every == 0:  # the grids the clip search gives the weights of now
-            with torch.no_grad():
-                now = rotated_weights(frozen, cfg, r1, r2)
-                for name, ratio in clip_ratios.items():
-                    ratio.copy_(weight_clip_ratio(now.get(name, frozen[name]), quant.w_bits, quant.w_group_size,
-                                                  quant.w_symmetric))
-        rows = [(step * batch_size + j) % len(calibration) for j in range(batch_size)]  # cycle the windows
-        batch = calibration[rows]
-        leaves = [r.clone().requires_grad_() for r in (r1, r2) if r is not None]
-        weights = rotated_weights(frozen, cfg, leaves[0], leaves[1] if learn_r2 else None)
-        logits = torch.func.functional_call(work, weights, (batch[:, :-1],))  # the model with these weights
-        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-        loss.backward()
-        step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine decay, as SpinQuant's schedule
-        with torch.no_grad():
-            G1 = leaves[0].grad
-            # the step turns R1 by about step_lr * |A| (Frobenius): what --learn-lr is to be chosen by
-            sizes.append((G1 @ r1.T - r1 @ G1.T).norm().item())
-            r1 = cayley_step(r1, G1, step_lr)
-            r2 = cayley_step(r2, leaves[1].grad, step_lr) if learn_r2 else None
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", grad=f"{sizes[-1]:.3g}")
-    for name, r in (("r1", r1), ("r2", r2)):
-        if r is not None and orthogonality_error(r) > 1e-8:  # float64: ~1e-14 after hundreds of steps
-            raise AssertionError(f"learn_rotation: {name} left the orthogonal group ({orthogonality_error(r):.1e})")
-    info = {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "windows": len(calibration),
-            "seq_len": calibration.shape[1], "quantized_as": _learned_under(quant, clip_every if searched else 0),
-            "loss": losses,
-            "r1_gradient": sizes, "seconds": round(time.perf_counter() - start, 1)}
-    return LearnedRotation(r1.cpu(), r2.cpu() if r2 is not None else None, info)
-
-
-def _learned_under(quant: QuantConfig, clip_every: int = 0) -> str:
-    clip = f"MSE clip searched every {clip_every} steps" if clip_every else "min-max"
-    weights = f"W{quant.w_bits} RTN {clip}" if quant.w_method == "rtn" and quant.w_bits < 16 else "W16"
-    return f"{weights}, A{quant.a_bits}" + (f", KV{quant.kv_bits}" if quant.kv_bits < 16 else "")
 
 
 # -----------------------------------------------------------------------------
@@ -854,14 +786,10 @@ class RotateConfig:
     sizes: str = option("", "comma-separated sizes: print their plans, exit")
 
     def validate(self):
-        from data.options import check_options
         check_options(self)
         unknown = [s for s in self.plot_sites.split(",") if s and s not in ("residual", *SITES.values())]
         if unknown:
             raise ValueError(f"--plot-sites: unknown {unknown}; choose from residual, {', '.join(SITES.values())}")
-        if self.rotation.kind == "learned":
-            raise ValueError("--rotation learned: rotate.py draws the seed's Hadamards only; a rotation is learned "
-                             "under the quantizers on training text by train.py --rotate --rotation learned")
 
 
 def parse_args(argv=None) -> RotateConfig:
@@ -875,7 +803,8 @@ def main(args: RotateConfig):
             plan = hadamard_plan(n)
             print(f"{n:>7} = {plan.K:>4} * {plan.power_of_two:<5} {plan.describe()}")
         return
-    model, tok, model_dir = load_model(args.model)
+    model_dir = resolve_model_dir(args.model)
+    model, tok = load_checkpoint(model_dir), Tokenizer(model_dir)
     text = Path(args.text).read_text(encoding="utf-8") if args.text else load_test_text()
     tokens = torch.tensor(tok.encode(text[: 20 * args.tokens])[: args.tokens])
     print(f"{model_dir.name}: {len(tokens)} tokens of {args.text or 'WikiText-2 test'}")
@@ -899,4 +828,5 @@ def main(args: RotateConfig):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with one_line_errors("rotate.py"):
+        main(parse_args())

@@ -1,7 +1,6 @@
 """RoLoRA end to end: rotate -> LoRA fine-tune -> merge -> quantize -> evaluate.
 
     python train.py --bits 4 --rotate        # RoLoRA, W4A4, SmolLM2-135M-Instruct on Alpaca
-    python train.py --bits 4 --rotate --rotation learned   # ... with R1 learned first (SpinQuant)
     python train.py --bits 4                 # the LoRA baseline (no rotation)
     python train.py --model stories260K --data tinystories --max-steps 30   # seconds
 
@@ -9,7 +8,8 @@
 (load), rotate.py (Hadamard rotation; LAR: "LoRA After Rotation"), lora.py (LoRA / ResLoRA
 adapters), quant.py (RTN / GPTQ weights, per-token activations), eval.py (zero-shot tasks,
 WikiText-2 perplexity). The printed table has the model before and after fine-tuning, each in
-full precision and at the chosen bits. `python train.py --help` lists every option.
+full precision and at the chosen bits. `python train.py --help` lists every option; those beyond
+the paper (learned rotations, torchrun, --compile, --resume, the saved formats) call extras/.
 """
 import copy
 import dataclasses
@@ -21,29 +21,35 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import eval as evaluation
 import lora
 import quant
 import rotate
-from data.models import load_model
-from data.models.quantized import save_quantized
-from data.models.rotated import export_plain_llama, save_rotated
+from data.mirror import read_prepared_jsonl
+from data.options import BadInput, BadValue, check_options, option, option_group, parse_config
+from data.tokenizer import Tokenizer, copy_tokenizer_files
+from data.wikitext2.prepare import load_test_text
+from eval import load_model
+from extras import distributed, spinquant
+from extras.checkpoints import (load_checkpoint_rotation, load_training_checkpoint, locked_output_folder,
+                                save_training_checkpoint)
+from extras.compile import compile_blocks
+from extras.hf_export import export_plain_llama
+from extras.int_kernels import check_runs_on_integers, int_kernels_option, use_integer_kernels
+from extras.quantized_checkpoint import save_quantized
+from extras.spinquant import LearnedRotationConfig
 from lora import LoRAConfig
+from model import save_checkpoint, write_atomically
 from quant import QuantConfig
 from rotate import RotationConfig
-from data.wikitext2.prepare import load_test_text
-from data.tokenizer import Tokenizer, copy_tokenizer_files
-from data.checkpoints import (load_checkpoint_rotation, load_training_checkpoint, locked_output_folder,
-                              save_training_checkpoint)
-from data.mirror import read_prepared_jsonl
-from data.options import check_options, option, option_group, parse_config
-from model import compile_blocks, save_checkpoint, write_atomically
 
 ROOT = Path(__file__).resolve().parent
 
@@ -57,8 +63,10 @@ class TrainConfig:
     seed: int = option(0, "seed of the rotation, the adapter init and the data order")
     # rotation (rotate.py)
     rotate: bool = option(False, "rotate the model before fine-tuning (RoLoRA); without it: the LoRA baseline")
-    rotation: RotationConfig = option_group(RotationConfig, "with --rotate: the rotations besides R1, and how R1 "
-                                            "is chosen (rotate.py; RoLoRA: a random R1 and R4 only)")
+    rotation: RotationConfig = option_group(RotationConfig, "with --rotate: the rotations besides R1 "
+                                            "(rotate.py; RoLoRA: R1 and R4 only)")
+    spinquant: LearnedRotationConfig = option_group(LearnedRotationConfig, "with --rotate: how R1 is chosen "
+                                                    "(extras/spinquant.py)")
     # adapters (lora.py)
     lora: LoRAConfig = option_group(LoRAConfig, "adapters (lora.py)")
     # optimisation
@@ -81,8 +89,7 @@ class TrainConfig:
                         "(FSDP2 fully_shard, one unit per block) instead of a whole copy on each; the adapters "
                         "stay replicated under DDP")
     compile: bool = option(False, "torch.compile the blocks of the model that trains and of every evaluated one "
-                           "(model.compile_blocks; off by default: on a CPU the compile time outweighs the "
-                           "steps it saves, README 'Benchmarks')")
+                           "(extras/compile.py)")
     device: str = option("auto", "auto, cpu or cuda[:N]")
     # checkpoints
     eval_every: int = option(20, "held-out loss every N steps", at_least=1)
@@ -106,6 +113,7 @@ class TrainConfig:
     val_examples: int | None = option(32, "held-out examples for the validation loss (0 or none: all)",
                                       at_least=1, zero_means_all=True)
     eval_batch_size: int = option(32, "evaluation batch size", at_least=1)
+    int_kernels: bool = int_kernels_option()
 
     def __post_init__(self):
         if self.bits is not None:  # a new QuantConfig: never change one another config shares
@@ -132,12 +140,16 @@ class TrainConfig:
                              "examples of a step (--batch-size)")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"--device={self.device!r}: must be auto, cpu or cuda[:N]")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device={self.device}: this machine's torch has no CUDA device (use auto or cpu)")
         unknown = [t for t in self.task_list() if t not in evaluation.TASKS]
         if unknown:
             raise ValueError(f"--tasks={self.tasks!r}: unknown {unknown}; known tasks: {', '.join(evaluation.TASKS)}")
+        if self.int_kernels:  # the quantized rows are evaluated on int8 products (--qat trains on fake ones)
+            check_runs_on_integers(self.quant)
         if self.compile and self.fsdp:  # FSDP2's hooks under torch.compile have not run in this project
             raise ValueError("--compile with --fsdp: not supported (untested together); drop one of them")
-        if self.rotation.kind == "learned" and not self.rotate:
+        if self.spinquant.kind == "learned" and not self.rotate:
             raise ValueError("--rotation learned: add --rotate (--rotation says how R1 is chosen)")
         if self.rotate and (Path(self.model) / "rotation.json").is_file():
             raise ValueError(f"--rotate: {self.model} is already rotated ({Path(self.model) / 'rotation.json'}); "
@@ -206,18 +218,27 @@ def summed_token_loss(logits, targets):
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
-@torch.no_grad()
 def heldout_loss(model, examples, pad_id, batch_size, device, autocast) -> float:
     """Mean per-token loss on the held-out responses."""
-    total, count = 0.0, 0
+    return heldout_losses(model, examples, pad_id, batch_size, device, autocast)[0]
+
+
+@torch.no_grad()
+def heldout_losses(model, examples, pad_id, batch_size, device, autocast) -> tuple[float, list]:
+    """(mean per-token loss on the held-out responses, [summed loss, tokens] of each example)."""
+    total, count, per_example = 0.0, 0, []
     model.eval()
     for i in range(0, len(examples), batch_size):
         x, y = make_batch(examples[i:i + batch_size], pad_id)
+        y = y.to(device)
         with autocast:
             logits = model(x.to(device))
-        total += summed_token_loss(logits, y.to(device)).item()
+        total += summed_token_loss(logits, y).item()
         count += int((y != -100).sum())
-    return total / max(1, count)
+        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                                       reduction="none").view(y.shape)  # (B, T), 0 where ignored
+        per_example += [[loss, n] for loss, n in zip(token_losses.sum(1).tolist(), (y != -100).sum(1).tolist())]
+    return total / max(1, count), per_example
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -247,7 +268,7 @@ def finetune(run: "Run", model) -> dict:
         meta = load_training_checkpoint(out, model, optimizer, scheduler)
         step, history = meta["step"], meta["history"]
         run.log(f"resumed from {out / 'latest'} at step {step}")
-    trained = data_parallel(model) if run.world > 1 else model
+    trained = distributed.data_parallel(model) if run.world > 1 else model
     sharded = run.world > 1 and cfg.fsdp  # then a forward needs every rank: all compute the held-out loss
     bar = tqdm(total=total, initial=step, desc="fine-tune", dynamic_ncols=True, disable=not run.is_main)
     while step < total:
@@ -304,43 +325,12 @@ def accumulate_gradients(run: "Run", trained, batch: list) -> tuple[float, int]:
         loss_sum += loss.item() / run.world
         tokens += x.numel()
     if run.world > 1:
-        import torch.distributed as dist
-        total = torch.tensor([loss_sum], dtype=torch.float64, device=run.device)  # NCCL: on the GPU
-        dist.all_reduce(total)
-        loss_sum = total.item()
+        loss_sum = distributed.sum_over_ranks(loss_sum, run.device)
     return loss_sum, tokens
-
-
-def data_parallel(model):
-    """DDP over the adapters: each rank holds the whole (frozen) base; only the trainable
-    parameters are broadcast at the start and all-reduced in every backward."""
-    from torch.nn.parallel import DistributedDataParallel
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)
-    return DistributedDataParallel(model)
-
-
-def shard_frozen_base(model, device: str):
-    """FSDP2 over the frozen base: each block (and the embedding, final norm and lm_head) keeps 1/N of
-    its weights on this rank and gathers the rest for its forward and backward only. The adapters
-    are left out of the shards (ignored_params): small, replicated, and all-reduced by DDP as without
-    FSDP, so the optimizer, the checkpoints and --resume see ordinary tensors."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    import torch.distributed as dist
-    mesh = init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (dist.get_world_size(),))
-    adapters = {p for p in model.parameters() if p.requires_grad}
-    for block in model.layers:
-        fully_shard(block, mesh=mesh, ignored_params=adapters)
-    fully_shard(model, mesh=mesh, ignored_params=adapters)  # the rest: embedding, final norm, lm_head
-    for p in adapters:  # fully_shard moves what it shards to the mesh's device, not what it ignores
-        p.data = p.data.to(device)
-    return model
 
 
 def enable_gradient_checkpointing(model):
     """Recompute each block's activations during backward instead of storing them."""
-    from functools import partial
     for block in model.layers:
         block.forward = partial(checkpointed, block.forward)
 
@@ -349,7 +339,6 @@ def checkpointed(forward, *args):
     # The block's forward is this function, not torch's checkpoint itself: called from eager code,
     # checkpoint turns the compiler off for all it runs (--compile would compile nothing); called
     # from here, a frame the compiler traces, it is compiled with the block.
-    import torch.utils.checkpoint
     return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
 
 
@@ -374,7 +363,6 @@ class Run:
     val_set: list = dataclasses.field(default_factory=list)
     wikitext: str = ""
     calibration: torch.Tensor | None = None                     # GPTQ windows (N, T) from the training data
-    rotation_calibration: torch.Tensor | None = None            # --rotation learned: its windows, ditto
     record: dict | None = None                                  # the rotation record, when rotated
     learned: rotate.LearnedRotation | None = None               # --rotation learned: R1 (and R2)
     rank: int = 0                                               # under torchrun: this process's rank
@@ -388,8 +376,7 @@ class Run:
 
     def wait_for_main(self):
         if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
+            distributed.barrier()
 
     def log(self, msg: str):
         if not self.is_main:  # under torchrun one process speaks
@@ -405,21 +392,10 @@ class Run:
         self.clock = now
 
     def heldout_loss(self, model) -> float:
-        return heldout_loss(model, self.val_set, self.pad_id, self.cfg.eval_batch_size, self.device, self.autocast)
+        return self.heldout_losses(model)[0]
 
-
-def start_data_parallel(device: str) -> tuple[int, int]:
-    """(rank, world size). Under torchrun (WORLD_SIZE > 1) this starts the process group: NCCL on
-    CUDA, gloo on a CPU. Rank 0 may evaluate for hours while the others wait: a long timeout."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import datetime
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                timeout=datetime.timedelta(hours=12))
-    return dist.get_rank(), world
+    def heldout_losses(self, model) -> tuple[float, list]:
+        return heldout_losses(model, self.val_set, self.pad_id, self.cfg.eval_batch_size, self.device, self.autocast)
 
 
 @contextmanager
@@ -427,15 +403,14 @@ def open_run(cfg: TrainConfig):
     """The Run of a validated config: device and precision chosen, the processes of a torchrun
     joined, the output folder locked (one run at a time may write it) and its log open (rank 0)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    rank, world = start_data_parallel(device)
-    if world > 1 and device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-        torch.cuda.set_device(device)
+    rank, world = distributed.start(device)
+    if world > 1:
+        device = distributed.local_device(device, rank)
     if cfg.fsdp and world == 1:
-        raise ValueError("--fsdp: shards the base over several processes; start them with "
+        raise BadValue("--fsdp: shards the base over several processes; start them with "
                          "torchrun --nproc_per_node N train.py ...")
     if cfg.batch_size < world * cfg.grad_accum:
-        raise ValueError(f"--batch-size={cfg.batch_size}: fewer examples than the {world} processes x "
+        raise BadValue(f"--batch-size={cfg.batch_size}: fewer examples than the {world} processes x "
                          f"{cfg.grad_accum} micro-batches (--grad-accum) of a step")
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.startswith("cuda"))
     # bf16 the same way on a CPU as on CUDA: base weights in bf16, matmuls under autocast, the
@@ -454,8 +429,7 @@ def open_run(cfg: TrainConfig):
                 yield Run(cfg, out, device, dtype, autocast, log_file, rank=rank, world=world)
     finally:
         if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+            distributed.stop()
 
 
 def run(cfg: TrainConfig) -> dict | None:
@@ -496,50 +470,40 @@ def load_model_and_data(r: Run):
     r.wikitext = load_test_text()
     stream = [i for ids, _ in r.train_set for i in ids]
     r.calibration = quant.calibration_windows(stream, cfg.quant.calib_windows, cfg.quant.calib_seq_len, cfg.seed)
-    if cfg.rotate and cfg.rotation.kind == "learned":
-        r.rotation_calibration = quant.calibration_windows(stream, cfg.rotation.learn_windows,
-                                                           cfg.rotation.learn_seq_len, cfg.seed)
     r.log(f"model {r.model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on {r.device}, "
           f"data {cfg.data}: {len(r.train_set)} train / {len(r.val_set)} held-out examples")
     return model
 
 
 def rotate_stage(r: Run, model):
-    """RoLoRA step 1, exact: the rotated model computes the same function (rotate.py). With
-    --rotation learned, R1 (and R2) are learned first under the quantizers that follow (--quant),
-    on windows of the training data; a resumed run reads them from its checkpoint instead."""
+    """RoLoRA step 1, exact: the rotated model computes the same function (rotate.py)."""
     cfg = r.cfg
     if not cfg.rotate:
         return
-    if cfg.rotation.kind == "learned":
-        r.learned = load_checkpoint_rotation(r.out) if cfg.resume else None
-        if r.learned is not None:
-            r.log(f"learned rotation read back from {r.out / 'latest'}: not learned again")
-        else:
-            rot = cfg.rotation
-            r.learned = rotate.learn_rotation(
-                model, r.rotation_calibration, cfg.quant, rot.learn_steps, rot.learn_lr, cfg.seed,
-                learn_r2=rot.rotate_ov, online_down_proj=rot.online_down_proj, rotate_qk=rot.rotate_qk,
-                batch_size=rot.learn_batch_size, progress=r.is_main, clip_every=rot.learn_clip_every)
-            r.learned = same_on_every_rank(r, r.learned)
-            loss = r.learned.info["loss"] or [float("nan")]
-            r.log(f"learned R1{'+R2' if rot.rotate_ov else ''} in {rot.learn_steps} steps "
-                  f"({r.learned.info['seconds']:.0f} s): calibration loss {loss[0]:.4f} -> {loss[-1]:.4f}")
+    if cfg.spinquant.kind == "learned":
+        r.learned = learned_rotation(r, model)
     r.record = rotate.rotate_model(model, seed=cfg.seed, **cfg.rotation.layout(), learned=r.learned)
     r.log(f"rotated: {json.dumps({k: v for k, v in r.record.items() if k != 'learned'})}")
 
 
-def same_on_every_rank(r: Run, learned: rotate.LearnedRotation) -> rotate.LearnedRotation:
-    """Under torchrun every rank learns the same way, but GPU arithmetic need not agree to the last
-    bit: rank 0's matrices are sent to all, so every rank trains on the very same base model."""
-    if r.world == 1:
+def learned_rotation(r: Run, model) -> rotate.LearnedRotation:
+    """Beyond RoLoRA (extras/spinquant.py): R1 (and R2) learned under the quantizers that follow
+    (--quant) on windows of the training data; a resumed run reads them from its checkpoint."""
+    cfg, how = r.cfg, r.cfg.spinquant
+    if cfg.resume and (learned := load_checkpoint_rotation(r.out)) is not None:
+        r.log(f"learned rotation read back from {r.out / 'latest'}: not learned again")
         return learned
-    import torch.distributed as dist
-    for tensor in (learned.r1, learned.r2):
-        if tensor is not None:
-            on_device = tensor.to(r.device)
-            dist.broadcast(on_device, src=0)
-            tensor.copy_(on_device.cpu())
+    stream = [i for ids, _ in r.train_set for i in ids]
+    calibration = quant.calibration_windows(stream, how.learn_windows, how.learn_seq_len, cfg.seed)
+    learned = spinquant.learn_rotation(
+        model, calibration, cfg.quant, how.learn_steps, how.learn_lr, cfg.seed, learn_r2=cfg.rotation.rotate_ov,
+        online_down_proj=cfg.rotation.online_down_proj, rotate_qk=cfg.rotation.rotate_qk,
+        batch_size=how.learn_batch_size, progress=r.is_main, clip_every=how.learn_clip_every)
+    if r.world > 1:  # GPU arithmetic need not agree to the last bit: every rank takes rank 0's matrices
+        distributed.broadcast_from_main((learned.r1, learned.r2), r.device)
+    loss = learned.info["loss"] or [float("nan")]
+    r.log(f"learned R1{'+R2' if cfg.rotation.rotate_ov else ''} in {how.learn_steps} steps "
+          f"({learned.info['seconds']:.0f} s): calibration loss {loss[0]:.4f} -> {loss[-1]:.4f}")
     return learned
 
 
@@ -559,12 +523,13 @@ def evaluate_row(r: Run, model, partial: dict | None = None, save_partial=None) 
         compile_blocks(model)
     row = dict(partial or {})
     save = save_partial or (lambda row: None)
-    if "heldout_loss" not in row:
-        row["heldout_loss"] = r.heldout_loss(model)
+    if "heldout_loss" not in row:  # each part with what a paired comparison of two rows needs
+        row["heldout_loss"], row["heldout_examples"] = r.heldout_losses(model)
         save(row)
     with r.autocast:
         if "ppl" not in row:
-            row["ppl"] = evaluation.perplexity(model, r.tok, r.wikitext, cfg.ppl_seq_len, cfg.ppl_windows)
+            row["ppl_windows"] = evaluation.window_nlls(model, r.tok, r.wikitext, cfg.ppl_seq_len, cfg.ppl_windows)
+            row["ppl"] = evaluation.perplexity_of(row["ppl_windows"])
             save(row)
         if cfg.task_list():
             row.update(evaluation.evaluate_tasks(model, r.tok, cfg.task_list(), cfg.eval_limit, cfg.eval_batch_size,
@@ -580,7 +545,9 @@ def evaluate_before(r: Run, model) -> dict:
         return json.loads(saved.read_text())
     rows = {"before / FP": evaluate_row(r, model)}
     if r.cfg.quant.quantizes:
-        rows[f"before / {r.cfg.quant.label()}"] = evaluate_row(r, quantized_copy(r, model))
+        quantized = quantized_copy(r, model)
+        rows[f"before / {r.cfg.quant.label()}"] = evaluate_row(r, use_integer_kernels(quantized) if r.cfg.int_kernels
+                                                                else quantized)
     saved.write_text(json.dumps(rows))
     return rows
 
@@ -603,7 +570,7 @@ def finetune_stage(r: Run, model) -> dict:
     if cfg.grad_checkpointing:
         enable_gradient_checkpointing(trained)
     if sharded:
-        shard_frozen_base(trained, r.device)
+        distributed.shard_frozen_base(trained, r.device)
     if cfg.compile:  # last: what is compiled is the block as it trains, adapters and checkpointing included
         compile_blocks(trained)
     n_train = sum(p.numel() for p in trained.parameters() if p.requires_grad)
@@ -625,7 +592,7 @@ def merge_stage(r: Run, model):
     for p in model.parameters():
         p.requires_grad_(False)
     if r.cfg.export and r.record is not None:
-        save_rotated(model, r.record, r.out / "merged")
+        rotate.save_rotated(model, r.record, r.out / "merged")
     elif r.cfg.export:
         save_checkpoint(model, r.out / "merged")
     if r.cfg.export:
@@ -641,10 +608,11 @@ def evaluate_after(r: Run, model, rows: dict) -> dict:
     after = {"after / FP": evaluate_row(r, model)}
     if r.cfg.quant.quantizes:
         quantized = quantized_copy(r, model)
-        after[f"after / {r.cfg.quant.label()}"] = evaluate_row(r, quantized)
-        if r.cfg.export:
+        if r.cfg.export:  # before --int-kernels swaps its linears: the saved codes are the fake model's grid
             save_quantized(quantized, r.out / "quantized")
             copy_tokenizer_files(r.model_dir, r.out / "quantized")
+        after[f"after / {r.cfg.quant.label()}"] = evaluate_row(r, use_integer_kernels(quantized) if r.cfg.int_kernels
+                                                               else quantized)
     return after
 
 
@@ -683,5 +651,5 @@ def report(r: Run, rows: dict, history: dict) -> dict:
 if __name__ == "__main__":
     try:
         run(parse_args())
-    except (NonFiniteLoss, RuntimeError) as e:
+    except (NonFiniteLoss, BadInput) as e:
         sys.exit(f"train.py: {e}")

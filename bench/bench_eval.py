@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
-from data.models import load_model  # noqa: E402
-from data.options import option, parse_config  # noqa: E402
+from eval import load_model  # noqa: E402
+from data.options import one_line_errors, option, parse_config  # noqa: E402
 
 
 @dataclass
@@ -88,4 +88,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_eval.py"):
+        main()

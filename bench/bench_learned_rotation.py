@@ -4,7 +4,7 @@ The README's quantization-table windows (the first --ppl-windows windows of --se
 tokens), W4A4 with RTN weights (MSE clip search) and with GPTQ weights (calibrated on
 --calib-windows x --calib-seq-len Alpaca tokens), R4 online as in RoLoRA, for:
   random    random-Hadamard R1, one row per seed of --seeds (printed as min / median / max);
-  r1        R1 learned from seed --seed's Hadamard by rotate.learn_rotation: once for RTN (W4 RTN
+  r1        R1 learned from seed --seed's Hadamard by extras/spinquant.py's learn_rotation: once for RTN (W4 RTN
             and A4 under the loss) and once for GPTQ (W16 and A4 under the loss, as SpinQuant);
   r1r2      the same with R2 (one per layer, folded into v_proj and o_proj) learned too;
   r1-w16    the R1 learned for GPTQ (W16 A4 under the loss), measured with RTN weights too;
@@ -36,17 +36,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import eval as ev  # noqa: E402
 from data.alpaca import prepare as alpaca  # noqa: E402
-from data.models import load_model  # noqa: E402
-from data.models.rotated import load_learned_rotation, save_learned_rotation  # noqa: E402
-from data.options import check_options, flag_name, option, option_group, parse_config  # noqa: E402
+from eval import load_model  # noqa: E402
+from rotate import load_learned_rotation, save_learned_rotation  # noqa: E402
+from data.options import check_options, flag_name, one_line_errors, option, option_group, parse_config  # noqa: E402
 from data.wikitext2.prepare import load_test_text  # noqa: E402
 from model import write_atomically  # noqa: E402
 from quant import QuantConfig, calibration_windows, quantize_model  # noqa: E402
-from rotate import LEARNED_ROTATION_FILE, RotationConfig, learn_rotation, rotate_model  # noqa: E402
+from extras.spinquant import LearnedRotationConfig, learn_rotation  # noqa: E402
+from rotate import LEARNED_ROTATION_FILE, RotationConfig, rotate_model  # noqa: E402
 
 VARIANTS = ("random", "random-r2", "r1", "r1r2", "r1-w16", "r1-rtn")
 SET_HERE = ("w_bits", "a_bits", "w_method", "quantize_weight_every_forward")  # quant options this bench sets
-ROTATION_SET_HERE = ("kind", "rotate_ov", "rotate_qk")
+ROTATION_SET_HERE = ("rotate_ov", "rotate_qk")
 
 
 @dataclass
@@ -57,8 +58,10 @@ class BenchLearnedConfig:
     methods: str = option("rtn,gptq", "comma-separated weight quantizers: rtn, gptq")
     seeds: str = option("0,1,2,3,4", "seeds of the random Hadamards")
     seed: int = option(0, "seed of the Hadamard the learned rotations start from")
-    rotation: RotationConfig = option_group(RotationConfig, "how the rotations are learned (rotate.py); kind, "
-                                            "R2 and R3 are set by each variant", kind="learned")
+    rotation: RotationConfig = option_group(RotationConfig, "the rotations besides R1 (rotate.py); R2 and R3 are "
+                                            "set by each variant")
+    learning: LearnedRotationConfig = option_group(LearnedRotationConfig, "how the rotations are learned "
+                                                   "(extras/spinquant.py); --rotation is learned", kind="learned")
     quant: QuantConfig = option_group(QuantConfig, "quantizer options of every row (quant.py); the bits and the "
                                       "weight method are set by each row", calib_windows=32, calib_seq_len=512)
     ppl_windows: int = option(4, "first N WikiText-2 windows of the perplexity", at_least=1)
@@ -73,8 +76,10 @@ class BenchLearnedConfig:
             if getattr(self.quant, name) != getattr(QuantConfig(), name):
                 raise ValueError(f"{flag_name(name)}: bench_learned_rotation.py sets it for each row itself")
         for name in ROTATION_SET_HERE:
-            if getattr(self.rotation, name) != getattr(RotationConfig(kind="learned"), name):
+            if getattr(self.rotation, name) != getattr(RotationConfig(), name):
                 raise ValueError(f"{flag_name(name)}: bench_learned_rotation.py sets it for each variant itself")
+        if self.learning.kind != "learned":
+            raise ValueError("--rotation: bench_learned_rotation.py sets it for each variant itself")
         for flag, values, known in (("--variants", self.variants, VARIANTS), ("--methods", self.methods, ("rtn", "gptq"))):
             unknown = [v for v in values.split(",") if v not in known]
             if unknown:
@@ -90,7 +95,7 @@ LEARNED_FOR = {"r1-w16": "gptq", "r1-rtn": "rtn"}  # variant -> the method its R
 
 def learned_name(variant: str, method: str, args) -> str:
     """The row's key in results.json, with every setting that changes the learned matrices."""
-    r = args.rotation
+    r = args.learning
     method_learned = LEARNED_FOR.get(variant, method)
     return (f"{variant} for {method}: {r.learn_steps} steps, lr {r.learn_lr}, {r.learn_windows}x{r.learn_seq_len} "
             f"tokens, batch {r.learn_batch_size}, from seed {args.seed}"
@@ -133,11 +138,11 @@ def learned_rotation(base, args, results: Results, variant: str, method: str, le
     folder = results.folder / "".join(c if c.isalnum() else "-" for c in name)
     if (folder / LEARNED_ROTATION_FILE).is_file():
         return load_learned_rotation(folder)
-    r = args.rotation
+    r = args.learning
     print(f"learning {name}", flush=True)
     learned = learn_rotation(base, learn_windows, dataclasses.replace(args.quant, w_bits=4, a_bits=4, w_method=method),
                              r.learn_steps, r.learn_lr, args.seed, learn_r2=variant == "r1r2",
-                             online_down_proj=r.online_down_proj, batch_size=r.learn_batch_size,
+                             online_down_proj=args.rotation.online_down_proj, batch_size=r.learn_batch_size,
                              clip_every=r.learn_clip_every)
     folder.mkdir(parents=True, exist_ok=True)
     save_learned_rotation(learned, folder)
@@ -151,7 +156,7 @@ def run(args):
     perplexity = lambda m: ev.perplexity(m, tokenizer, text, args.seq_len, args.ppl_windows, progress=False)  # noqa: E731
     alpaca_tokens = tokenizer.encode(alpaca.calibration_text(alpaca.raw_file("cleaned")))
     gptq_windows = calibration_windows(alpaca_tokens, args.quant.calib_windows, args.quant.calib_seq_len)
-    learn_windows = calibration_windows(alpaca_tokens, args.rotation.learn_windows, args.rotation.learn_seq_len, seed=1)
+    learn_windows = calibration_windows(alpaca_tokens, args.learning.learn_windows, args.learning.learn_seq_len, seed=1)
     for variant in args.variants.split(","):
         for method in args.methods.split(","):
             if variant.startswith("random"):
@@ -213,4 +218,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_learned_rotation.py"):
+        main()

@@ -2,7 +2,7 @@
 
 Same config (SmolLM2-135M shape by default), same weights, same dtype, same inputs, measured
 in the same run. Each implementation runs in its own subprocess so that its peak resident
-memory (ru_maxrss) is its own. "ours compiled" is ours with compiled blocks (model.compile_blocks,
+memory (ru_maxrss) is its own. "ours compiled" is ours with compiled blocks (extras/compile.py compile_blocks,
 eval.py/train.py --compile); its first forward and first forward+backward, which compile (from a
 cold cache, as a first run does), are reported apart from the timed iterations.
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.options import option, option_group, parse_config  # noqa: E402
+from data.options import one_line_errors, option, option_group, parse_config  # noqa: E402
+from extras.compile import compile_blocks  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SMOLLM2_135M = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -68,7 +69,6 @@ def build(impl: str, config: ModelConfig, dtype):
     if impl == "ours":
         return ours, lambda idx: ours(idx)
     if impl == "ours+compile":
-        from model import compile_blocks
         compile_blocks(ours)
         return ours, lambda idx: ours(idx)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -139,4 +139,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_model.py"):
+        main()

@@ -34,11 +34,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import eval as ev  # noqa: E402  (the evaluation's own perplexity, so the numbers match eval.py's)
 from data.alpaca import prepare as alpaca  # noqa: E402
-from data.models import load_model  # noqa: E402
+from data.options import check_options, flag_name, one_line_errors, option, option_group, parse_config  # noqa: E402
 from data.wikitext2.prepare import load_test_text  # noqa: E402
-from data.options import check_options, flag_name, option, option_group, parse_config  # noqa: E402
+from eval import load_model  # noqa: E402
 from quant import QuantConfig, calibration_windows, quantize_model  # noqa: E402
+from rotate import rotate_model  # noqa: E402
 
 PPL_SETTINGS = [(8, 8), (6, 6), (4, 8), (4, 4)]  # (w_bits, a_bits)
 PER_MEASUREMENT = ("w_bits", "a_bits", "kv_bits", "w_method", "quantize_weight_every_forward")  # set here, not by flags
@@ -121,19 +123,13 @@ def speed(model, tokenizer, args):
 
 
 def perplexities(model, tokenizer, args):
-    import eval as ev  # the evaluation's own perplexity, so the numbers match eval.py's
-
     text = load_test_text()
     ppl = lambda m: ev.perplexity(m, tokenizer, text, args.seq_len, args.ppl_windows, progress=False)  # noqa: E731
     windows = calibration(tokenizer, args)
     bases = {"no rotation": model}
-    try:
-        from rotate import rotate_model
-        rotated = copy.deepcopy(model)
-        rotate_model(rotated, seed=0)
-        bases["rotation"] = rotated
-    except ImportError as e:
-        print(f"rotate.py not usable ({e}): rotated rows skipped")
+    rotated = copy.deepcopy(model)
+    rotate_model(rotated, seed=0)
+    bases["rotation"] = rotated
     rows = []
     for base_name, base in bases.items():
         rows.append((base_name, "FP", "-", ppl(base)))
@@ -168,9 +164,6 @@ KV_ROTATIONS = {  # name -> rotate_model options (None: not rotated)
 def kv_perplexities(model, tokenizer, args):
     """The 4-bit KV cache (QuaRot's quantizer: asymmetric per head and token, --kv-clip-ratio) alone
     and under W4A4 GPTQ weights, for each rotation of KV_ROTATIONS: R3 rotates the keys, R2 the values."""
-    import eval as ev
-    from rotate import rotate_model
-
     text = load_test_text()
     ppl = lambda m: ev.perplexity(m, tokenizer, text, args.seq_len, args.ppl_windows, progress=False)  # noqa: E731
     windows = calibration(tokenizer, args)
@@ -218,4 +211,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_quant.py"):
+        main()

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.options import check_options, option, parse_config  # noqa: E402
+from data.options import check_options, one_line_errors, option, parse_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 from rotate import hadamard_plan, hadamard_transform_matrix, rotate_model, walsh_hadamard_transform  # noqa: E402
 
@@ -149,4 +149,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_rotate.py"):
+        main()

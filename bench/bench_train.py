@@ -3,7 +3,7 @@
 Same config (SmolLM2-135M shape by default), same weights, LoRA r=16 on q_proj/v_proj, AdamW,
 same batch and dtype, measured in the same run; each implementation in its own subprocess so
 that its peak resident memory (ru_maxrss) is its own. A third run compiles our blocks
-(model.compile_blocks, train.py --compile): its first step, which compiles, is reported apart from
+(extras/compile.py, train.py --compile): its first step, which compiles, is reported apart from
 the steady-state steps. A fourth rotates our model first (online Hadamard on the down_proj input,
 R4) and reports what share of the step it costs.
 
@@ -21,7 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_model import MeasureConfig, run_worker  # noqa: E402  (bench/ is this script's folder)
-from data.options import option, option_group, parse_config  # noqa: E402
+import lora  # noqa: E402
+import rotate  # noqa: E402
+from data.options import one_line_errors, option, option_group, parse_config  # noqa: E402
+from extras.compile import compile_blocks  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -57,17 +60,14 @@ def build(impl: str, config: ModelConfig, dtype, device):
     torch.manual_seed(0)
     ours = Transformer(config).to(dtype)
     if impl in ("ours", "ours+compile", "ours+rotate"):
-        import lora
         record = None
         if impl == "ours+rotate":
-            import rotate
             record = rotate.rotate_model(ours, seed=0)
         torch.manual_seed(1)
         lora.add_lora(ours, ("q_proj", "v_proj"), rank=16, alpha=16)
         lora.mark_only_lora_trainable(ours)
         ours.to(device)
         if impl == "ours+compile":  # as train.py --compile: after the adapters
-            from model import compile_blocks
             compile_blocks(ours)
         return ours, (lambda idx: ours(idx)), record
     from peft import LoraConfig, get_peft_model
@@ -123,7 +123,6 @@ def worker(args):
     result = {"tok_s": args.measure.batch * args.measure.seq / seconds, "step_s": seconds, "first_step_s": first_step_s,
               "peak_mib": peak_memory_mib(device), "trainable": sum(p.numel() for p in params)}
     if args.impl == "ours+rotate":  # time the online Hadamard alone, forward + backward, on its real input size
-        import rotate
         x = torch.randn(args.measure.batch, args.measure.seq, config.intermediate_size, dtype=dtype, device=device, requires_grad=True)
         t = time.perf_counter()
         for _ in range(args.measure.iters):
@@ -161,4 +160,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_train.py"):
+        main()

@@ -43,7 +43,7 @@ import eval as evaluation  # noqa: E402
 import lora  # noqa: E402
 import rotate  # noqa: E402
 import train  # noqa: E402
-from data.options import check_options, option, parse_config, replace_options  # noqa: E402
+from data.options import BadValue, check_options, one_line_errors, option, parse_config, replace_options  # noqa: E402
 from model import write_atomically  # noqa: E402
 
 METHODS = {  # name -> (the training cell it evaluates, rotated after merging)
@@ -104,7 +104,7 @@ def read_results(args) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); restore it from git or delete it to start over") from None
+        raise BadValue(f"{path}: not valid JSON ({e}); restore it from git or delete it to start over") from None
 
 
 # the options every number depends on: a results file holds cells of one value of each
@@ -473,4 +473,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/reproduce.py"):
+        main()

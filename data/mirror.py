@@ -12,6 +12,8 @@ import random
 import urllib.request
 from pathlib import Path
 
+from data.options import BadValue, MissingFile
+
 DATA_DIR = Path(__file__).resolve().parent
 
 
@@ -22,7 +24,7 @@ def mirror_root() -> Path | None:
         return None
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"ROLORA_MIRROR={root} is not a folder")
+        raise MissingFile(f"ROLORA_MIRROR={root} is not a folder")
     return root
 
 
@@ -37,7 +39,7 @@ def fetch_raw(mirror_path: str, urls: list[str], download_dir: Path) -> Path:
     if root is not None:
         path = root / mirror_path
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"{path} not found in the mirror (ROLORA_MIRROR={root}); expected the file "
                 f"'{mirror_path}' there, laid out like ../shared/assets/")
         return path
@@ -55,7 +57,7 @@ def fetch_raw(mirror_path: str, urls: list[str], download_dir: Path) -> Path:
             return dest
         except Exception as e:  # try the next location
             errors.append(f"{url}: {e}")
-    raise FileNotFoundError(
+    raise MissingFile(
         f"could not get '{mirror_path}': set ROLORA_MIRROR to a local mirror (e.g. ../shared/assets) "
         "or check the network. Tried:\n  " + "\n  ".join(errors))
 
@@ -67,7 +69,7 @@ def decode_text(raw: bytes, where) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
+        raise BadValue(f"{where}: not UTF-8 text ({e})") from None
     return text.replace("\r\n", "\n")
 
 
@@ -81,11 +83,11 @@ def read_json(path: Path):
     json.JSONDecodeError does not say which file), and CRLF inside strings becomes LF."""
     text = read_text(path)
     if not text.strip():
-        raise ValueError(f"{path}: empty file (expected a JSON list of records)")
+        raise BadValue(f"{path}: empty file (expected a JSON list of records)")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise BadValue(f"{path}: not valid JSON ({e})") from None
     return _lf_strings(data)
 
 
@@ -145,10 +147,17 @@ def read_prepared_jsonl(path: Path, prepare, script: str) -> list[dict]:
     if not path.is_file():
         prepare()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: still missing after {script} ran")
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise MissingFile(f"{path}: still missing after {script} ran")
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise BadValue(f"{path}, line {number}: not valid JSON ({e}); delete the file and run "
+                               f"{script} again") from None
     if not records:
-        raise ValueError(f"{path}: no records; delete the file and run {script} again")
+        raise BadValue(f"{path}: no records; delete the file and run {script} again")
     return records
 
 

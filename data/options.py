@@ -16,8 +16,41 @@ script loads anything: a bad value is one line naming the flag.
 """
 import argparse
 import dataclasses
+import sys
 import typing
+from contextlib import contextmanager
 from dataclasses import field, fields, is_dataclass
+
+
+# -----------------------------------------------------------------------------
+# Bad input: a file, a key in it or a flag a user gave us, as opposed to a bug of ours
+
+
+class BadInput(Exception):
+    """What the user gave is wrong (its message names the file, the key or the flag): a command line
+    prints it as one line. The subclasses are also the usual ValueError, KeyError, FileNotFoundError."""
+
+
+class BadValue(BadInput, ValueError):
+    pass
+
+
+class BadKey(BadInput, KeyError):
+    def __str__(self):  # KeyError's own str() would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingFile(BadInput, FileNotFoundError):
+    pass
+
+
+@contextmanager
+def one_line_errors(prog: str):
+    """Around a script's main: bad input ends in one line and exit status 1; a bug keeps its traceback."""
+    try:
+        yield
+    except BadInput as e:
+        sys.exit(f"{prog}: {e}")
 
 
 def option(default, help_text: str, *, choices: tuple | None = None, at_least=None, at_most=None,
@@ -115,8 +148,8 @@ def replace_options(config, **values):
 
 def parse_config(config, argv=None, *, prog: str | None = None, description: str | None = None):
     """Parse a command line into a copy of the dataclass instance `config` (whose values are the
-    defaults) and check it (its validate(), else check_options): a bad value ends in argparse's
-    one-line error naming the flag, before anything is loaded."""
+    defaults) and check it (its validate(), else check_options): a bad value ends in one line
+    naming the flag, before anything is loaded."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_flags(parser, config)
@@ -124,7 +157,7 @@ def parse_config(config, argv=None, *, prog: str | None = None, description: str
     try:
         parsed.validate() if hasattr(parsed, "validate") else check_options(parsed)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # one line: the usage would bury it
     return parsed
 
 

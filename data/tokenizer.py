@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from data.options import MissingFile
+
 # What a checkpoint folder holds of its tokenizer (the files Hugging Face's AutoTokenizer reads too).
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -48,7 +50,7 @@ class Tokenizer:
             self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
             self.bos_id, self.eos_id = ids.get("bos_token_id"), ids.get("eos_token_id")
         else:
-            raise FileNotFoundError(f"{path}: neither tokenizer.model nor tokenizer.json found")
+            raise MissingFile(f"{path}: neither tokenizer.model nor tokenizer.json found")
         if isinstance(self.eos_id, list):
             self.eos_id = self.eos_id[0]
 

@@ -46,8 +46,14 @@ def launch(script, out, *flags, processes=1, check=True):
 @pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
 def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch(tmp_path, stories_dir, sharding):
     """DDP: each process holds the whole base; --fsdp: each holds half of every block (FSDP2)."""
-    launch(ROOT / "train.py", tmp_path / "one")
-    two = launch(ROOT / "train.py", tmp_path / "two", *sharding, processes=2)
+    assert_two_processes_train_as_one(tmp_path, sharding)
+
+
+def assert_two_processes_train_as_one(tmp_path, sharding: tuple, device_flags: tuple = ()):
+    """train.py in one process and in two (with `sharding`), both with `device_flags`: the same adapters,
+    losses and AdamW moments. tests/test_cuda.py runs it on two GPUs (NCCL)."""
+    launch(ROOT / "train.py", tmp_path / "one", *device_flags)
+    two = launch(ROOT / "train.py", tmp_path / "two", *device_flags, *sharding, processes=2)
     assert ("sharded over 2 processes (FSDP2)" in two.stdout + two.stderr) == bool(sharding)
     one, two = final_adapters(tmp_path / "one"), final_adapters(tmp_path / "two")
     assert one.keys() == two.keys() and one

@@ -122,7 +122,7 @@ def test_compiled_scores_equal_eager_on_a_rotated_w4a4_model():
     import copy
     import quant
     import rotate
-    from model import compile_blocks
+    from extras.compile import compile_blocks
     from torch._dynamo.utils import counters
     model = tiny_model(seed=7, dtype=torch.float64)
     rotate.rotate_model(model, seed=7)

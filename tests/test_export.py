@@ -1,4 +1,4 @@
-"""data.models.rotated.export_plain_llama: a rotated, LoRA-trained, merged model written as a plain LLaMA checkpoint
+"""extras.hf_export.export_plain_llama: a rotated, LoRA-trained, merged model written as a plain LLaMA checkpoint
 that Hugging Face transformers runs unchanged (R4's online Hadamard folded back into down_proj)."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import lora
 import quant
 import rotate
-from data.models.rotated import export_plain_llama
+from extras.hf_export import export_plain_llama
 from helpers import tiny_model
 from model import load_checkpoint, save_checkpoint
 
@@ -88,7 +88,7 @@ def test_stories260k_rotated_export_runs_in_transformers(tmp_path, stories_model
 @pytest.mark.slow
 def test_train_export_hf_writes_a_checkpoint_transformers_and_our_loader_read(tmp_path, stories_dir):
     import train
-    from data.models import load_model
+    from eval import load_model
     from data.options import replace_options
     cfg = replace_options(train.TrainConfig(), model="stories260K", data="tinystories", out=str(tmp_path / "run"),
                           max_steps=4, batch_size=4, seq_len=64, rotate=True, w_bits=16, a_bits=16, tasks="",

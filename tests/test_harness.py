@@ -1,6 +1,6 @@
-"""The lm-evaluation-harness adapter (data/harness.py: harness_model_class, registered as "rolora"):
+"""The lm-evaluation-harness adapter (extras/harness.py: harness_model_class, registered as "rolora"):
 the harness, through it, scores exactly as eval.py does. lm_eval is optional: eval.py and
-data/harness.py import without it, and the tests that need it skip when it is missing.
+extras/harness.py import without it, and the tests that need it skip when it is missing.
 
 The harness reads local files only: each test writes its task yaml and data into tmp_path."""
 import importlib.util
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import eval as ev
-from data import harness
+from extras import harness
 from helpers import ROOT
 
 needs_harness = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
@@ -29,8 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 def test_eval_imports_without_lm_eval():
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # as if it were not installed
-            "import eval, data.harness\n"
-            "try:\n    data.harness.harness_model_class()\nexcept ImportError as e:\n    print(e)")
+            "import eval, extras.harness\n"
+            "try:\n    extras.harness.harness_model_class()\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "pip install lm_eval" in out.stdout
 
@@ -42,7 +42,7 @@ def test_eval_imports_without_lm_eval():
 @pytest.fixture(scope="module")
 def stories(stories_dir):
     """(model, tokenizer) of stories260K in float32, as the harness's pretrained= loads it."""
-    from data.models import load_model
+    from eval import load_model
     model, tokenizer, _ = load_model(stories_dir)
     return model.eval(), tokenizer
 
@@ -91,7 +91,7 @@ def test_harness_scores_arc_easy_as_eval_py(stories, stories_dir, arc_task):
     requests the harness builds, the log-likelihood of every choice, acc and acc_norm are eval.py's."""
     import lm_eval
     from lm_eval.tasks import TaskManager
-    from data.harness import HarnessModel  # the lazy name, and the class the registry hands out
+    from extras.harness import HarnessModel  # the lazy name, and the class the registry hands out
     assert lm_eval.api.registry.get_model("rolora") is HarnessModel is harness.harness_model_class()
     folder, records = arc_task
     device = "cpu" if torch.cuda.is_available() else "cuda:0"  # the command line's default: falls back to cpu
@@ -122,16 +122,16 @@ def test_harness_scores_arc_easy_as_eval_py(stories, stories_dir, arc_task):
 @needs_harness
 @pytest.mark.slow
 def test_documented_command_line_runs_the_harness(stories_dir, arc_task, tmp_path):
-    """The command of data/harness.py's docstring (and the README), as a user types it."""
+    """The command of extras/harness.py's docstring (and the README), as a user types it."""
     folder, records = arc_task
-    code = "import data.harness as h, lm_eval.__main__ as m; h.harness_model_class(); m.cli_evaluate()"
+    code = "import extras.harness as h, lm_eval.__main__ as m; h.harness_model_class(); m.cli_evaluate()"
     subprocess.run([sys.executable, "-c", code, "--model", "rolora", "--model_args", f"pretrained={stories_dir}",
                     "--tasks", "arc_easy_local", "--include_path", str(folder), "--device", "cpu",
                     "--batch_size", "32", "--output_path", str(tmp_path / "out")],
                    cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     [path] = (tmp_path / "out").rglob("results_*.json")
     result = json.loads(path.read_text())["results"]["arc_easy_local"]
-    from data.models import load_model
+    from eval import load_model
     model, tokenizer, _ = load_model(stories_dir)
     ours = ev.evaluate_task(model, tokenizer, "arc_easy", records=records, progress=False)
     assert (result["acc,none"], result["acc_norm,none"]) == (ours["acc"], ours["acc_norm"])

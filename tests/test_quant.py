@@ -1,6 +1,6 @@
 """quant.py: the integer grid, the straight-through estimator, RTN and GPTQ, QuantLinear and
 quantize_model on tiny random models. On stories260K and SmolLM2-135M: tests/test_quant_real.py.
-Saved quantized models (data/models/quantized.py) are tests/test_quantized.py's.
+Saved quantized models (extras/quantized_checkpoint.py) are tests/test_quantized.py's.
 
     python -m pytest tests/test_quant.py -x -q
 """

@@ -1,4 +1,4 @@
-"""data/models/quantized.py: a quantized model saved as integer codes, scales and zero points
+"""extras/quantized_checkpoint.py: a quantized model saved as integer codes, scales and zero points
 reloads bit for bit with no calibration (plain, rotated, RTN, GPTQ, groups, odd widths, tied
 embeddings), every bad file is a clear error, and what cannot reload exactly is never written;
 (slow) on stories260K and SmolLM2-135M, with the bits per weight on disk.
@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from data.models.quantized import load_quantized, pack_codes, save_quantized, unpack_codes
+from extras.quantized_checkpoint import load_quantized, pack_codes, save_quantized, unpack_codes
 from helpers import assert_on_integer_grid, tiny_model
 from quant import QuantLinear, quantize_model
 
@@ -29,7 +29,7 @@ def quantized_tiny_model(method="rtn", rotate_first=False, model_options=None, *
 def assert_reloads_bit_identical(model, directory):
     """load_weights (every --model) gives the model back: same modules, same logits bit for bit,
     every quantized weight on its integer grid, the same grids."""
-    from data.models import load_weights
+    from eval import load_weights
     loaded = load_weights(directory)
     idx = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_a_saved_quantized_model_reloads_bit_identical(tmp_path, method, options
     assert_reloads_bit_identical(model, tmp_path)
     assert not (tmp_path / "rotation.json").exists()
     from model import load_checkpoint
-    with pytest.raises(ValueError, match=r"quantization\.json.*data\.models\.load_model"):
+    with pytest.raises(ValueError, match=r"quantization\.json.*eval\.load_model"):
         load_checkpoint(tmp_path)
 
 

@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from helpers import tiny_model
 
 import rotate
-from data.models.rotated import load_rotated, save_rotated
+from rotate import load_rotated, save_rotated
 from quant import QuantConfig, quantize_model
-from rotate import (OnlineHadamard, activation_stats, cayley_step, hadamard_matrix, hadamard_plan,
-                    hadamard_transform_matrix, learn_rotation, orthogonality_error, outlier_stats,
+from extras import spinquant
+from extras.spinquant import cayley_step, learn_rotation, orthogonality_error
+from rotate import (OnlineHadamard, activation_stats, hadamard_matrix, hadamard_plan,
+                    hadamard_transform_matrix, outlier_stats,
                     random_hadamard, rotate_model, walsh_hadamard_transform)
 
 pytestmark = pytest.mark.filterwarnings("ignore:rotate.py. FALLBACK")  # asserted where it matters
@@ -368,17 +370,17 @@ def test_save_and_load_rotated_give_the_same_logits(tmp_path, intermediate):
     assert loaded_record == record
     assert torch.allclose(loaded(idx), expected, rtol=0, atol=1e-6)
     from model import load_checkpoint
-    with pytest.raises(ValueError, match=r"rotation\.json.*data\.models\.load_model"):
+    with pytest.raises(ValueError, match=r"rotation\.json.*eval\.load_model"):
         load_checkpoint(tmp_path / "rotated")  # a plain load would be another network, silently:
     plain = load_checkpoint(tmp_path / "rotated", stage_records_ok=True)
     assert relative_error(plain(idx), expected) > 1e-3
-    from data.models import load_weights  # what every --model goes through
+    from eval import load_weights  # what every --model goes through
     assert torch.allclose(load_weights(tmp_path / "rotated")(idx), expected, rtol=0, atol=1e-6)
 
 
 def test_r3_is_recorded_and_restored_on_load_and_by_every_loader(tmp_path):
-    from data.models import load_weights
-    from data.models.quantized import save_quantized
+    from eval import load_weights
+    from extras.quantized_checkpoint import save_quantized
     from quant import quantize_model
     model = tiny_model(seed=5)
     idx = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(8))
@@ -544,8 +546,8 @@ def test_learning_under_the_clip_search_starts_at_its_grids_researches_them_and_
 
     rtn = QuantConfig(w_bits=3, a_bits=4)
     searches = []
-    real_search = rotate.weight_clip_ratio
-    monkeypatch.setattr(rotate, "weight_clip_ratio", lambda *a: searches.append(1) or real_search(*a))
+    real_search = spinquant.weight_clip_ratio
+    monkeypatch.setattr(spinquant, "weight_clip_ratio", lambda *a: searches.append(1) or real_search(*a))
     learned = learn(model, rtn, steps=10, lr=1.0, clip_every=4)
     n_weights = 7 * model.config.num_hidden_layers  # q, k, v, o, gate, up, down of every block
     assert len(searches) == 3 * n_weights  # at steps 0, 4 and 8
@@ -560,9 +562,9 @@ def test_learning_under_the_clip_search_starts_at_its_grids_researches_them_and_
 
 
 def test_save_and_reload_a_learned_rotation_give_identical_logits(tmp_path):
-    from data.models import load_weights
-    from data.models.quantized import save_quantized
-    from data.models.rotated import load_learned_rotation, save_learned_rotation
+    from eval import load_weights
+    from extras.quantized_checkpoint import save_quantized
+    from rotate import load_learned_rotation, save_learned_rotation
     model = tiny_model(seed=4, tie_word_embeddings=True)
     learned = learn(model, steps=2, learn_r2=True)
     record = rotate_model(model, seed=0, rotate_ov=True, learned=learned)

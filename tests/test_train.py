@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from data import checkpoints
+from extras import checkpoints
 from helpers import ROOT, final_adapters, tiny_model, tokens
 from data.options import option_names, replace_options
 
@@ -282,7 +282,7 @@ def test_a_crash_while_checkpointing_leaves_latest_complete(crash, tmp_path, mon
 
 
 # -----------------------------------------------------------------------------
-# --compile: torch.compile of the blocks (model.compile_blocks)
+# --compile: torch.compile of the blocks (extras/compile.py)
 
 
 def tiny_run(cfg: train.TrainConfig, tmp_path) -> train.Run:
@@ -297,7 +297,7 @@ def tiny_run(cfg: train.TrainConfig, tmp_path) -> train.Run:
 
 
 def test_compile_compiles_the_model_that_trains_and_every_evaluated_one(tmp_path, monkeypatch, one_thread):
-    """--compile reaches model.compile_blocks: the model that trains once its adapters are on (with
+    """--compile reaches extras/compile.py: the model that trains once its adapters are on (with
     --qat the quantized copy, not the float model), and the model of every evaluated row."""
     import lora
     import quant
@@ -313,6 +313,20 @@ def test_compile_compiles_the_model_that_trains_and_every_evaluated_one(tmp_path
     r.tok, r.wikitext = WordTokenizer(), " ".join(f"w{i % 7}" for i in range(300))
     train.evaluate_row(r, model)
     assert compiled[-1][0] is model
+
+
+def rotated_qat_run(tmp_path, compile: bool, device: str = "cpu"):
+    """(run, model) of the compiled-against-eager test below (and of tests/test_cuda.py's on a GPU): QAT at W4A4
+    with adapter dropout, 3 steps, no held-out examples, of a rotated one-block float64 model on `device`."""
+    import rotate
+    cfg = quick_config(tmp_path, compile=compile, qat=True, bits=4, w_clip_search=False, max_steps=3,
+                       batch_size=4, eval_every=3, save_every=3, lr=1e-2, dropout=0.1)
+    (tmp_path / f"compile={compile}").mkdir()
+    r = tiny_run(cfg, tmp_path / f"compile={compile}")
+    r.device, r.val_set = device, []
+    model = tiny_model(dtype=torch.float64, num_hidden_layers=1).to(device)
+    rotate.rotate_model(model, seed=0)
+    return r, model
 
 
 @pytest.mark.slow  # compiles a block's forward and backward: ~35 s on 2 busy cores with a cold inductor cache
@@ -334,13 +348,7 @@ def test_compiled_training_equals_eager_on_a_rotated_w4a4_model(tmp_path, monkey
     monkeypatch.setattr(train, "finetune", lambda run, model: trained.append(model) or real_finetune(run, model))
     runs = {}
     for compile in (False, True):
-        cfg = quick_config(tmp_path, compile=compile, qat=True, bits=4, w_clip_search=False, max_steps=3,
-                           batch_size=4, eval_every=3, save_every=3, lr=1e-2, dropout=0.1)
-        (tmp_path / f"compile={compile}").mkdir()
-        r = tiny_run(cfg, tmp_path / f"compile={compile}")
-        r.val_set = []
-        model = tiny_model(dtype=torch.float64, num_hidden_layers=1)
-        rotate.rotate_model(model, seed=0)
+        r, model = rotated_qat_run(tmp_path, compile)
         graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
         history = train.finetune_stage(r, model)
         torch.manual_seed(1)  # the dropout masks of this forward
@@ -395,7 +403,7 @@ def test_30_step_rolora_run_lowers_heldout_loss_and_quantizes(tmp_path, capsys, 
     # the exported merged model (plus its rotation record and tokenizer) is complete on its own and
     # reproduces the run's "after / FP" row exactly through eval.py and the one loader
     import eval as ev
-    from data.models import load_model
+    from eval import load_model
     merged_dir = tmp_path / "run" / "merged"
     merged, tok, _ = load_model(merged_dir)
     assert merged.rotation["seed"] == cfg.seed
@@ -608,7 +616,7 @@ def test_learned_rotation_is_saved_with_the_run_and_resume_reuses_it(tmp_path, m
     ckpt = tmp_path / "a" / "run" / (tmp_path / "a" / "run" / "latest").read_text().strip()
     learned = checkpoints.load_checkpoint_rotation(tmp_path / "a" / "run")
     assert (ckpt / "rotation.safetensors").is_file() and learned.digest() == record["learned"]["sha256"]
-    from data.models import load_model
+    from eval import load_model
     for saved in ("merged", "quantized"):  # the exported models carry the same matrices
         model, _, _ = load_model(tmp_path / "a" / "run" / saved)
         assert model.rotation == record and torch.equal(model.learned_rotation.r2, learned.r2)
@@ -621,7 +629,7 @@ def test_learned_rotation_is_saved_with_the_run_and_resume_reuses_it(tmp_path, m
     def not_again(*args, **kwargs):
         raise AssertionError("--resume learned the rotation again")
 
-    monkeypatch.setattr(train.rotate, "learn_rotation", not_again)
+    monkeypatch.setattr(train.spinquant, "learn_rotation", not_again)
     resumed = train.run(quick_config(tmp_path / "b", resume=True, **LEARNED))
     assert resumed["rotation"] == recorded  # its learning time included: read back, not learned again
     a, b = final_adapters(tmp_path / "a" / "run"), final_adapters(tmp_path / "b" / "run")
@@ -697,7 +705,7 @@ def test_activation_quantizer_computes_its_grid_in_float32_for_bf16_inputs():
 
 
 def test_a_batch_smaller_than_the_processes_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "start_data_parallel", lambda device: (0, 4))
+    monkeypatch.setattr(train.distributed, "start", lambda device: (0, 4))
     with pytest.raises(ValueError, match="--batch-size=2: fewer examples than the 4 processes"):
         with train.open_run(quick_config(tmp_path, batch_size=2)):
             pass

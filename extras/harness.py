@@ -10,7 +10,7 @@ reproduces eval.py's numbers on the same items, and adds its hundreds of tasks.
 lm_eval looks models up in its registry, which only the modules imported in its process fill
 (it reads no plugin entry points; --include_path adds tasks, not models). So its command line
 runs after importing this file, from the repository root:
-    python -c "import data.harness as h, lm_eval.__main__ as m; h.harness_model_class(); m.cli_evaluate()" \
+    python -c "import extras.harness as h, lm_eval.__main__ as m; h.harness_model_class(); m.cli_evaluate()" \
         --model rolora --model_args pretrained=DIR --tasks arc_easy --device cpu --batch_size 32
 From Python: lm_eval.simple_evaluate(model=HarnessModel(model=model, tokenizer=tokenizer), tasks=[...]).
 """
@@ -20,11 +20,11 @@ import math
 import torch
 from tqdm import tqdm
 
-from data.models import load_model
-from eval import encode_pair, make_row, score_rows
+from eval import encode_pair, load_model, make_row, score_rows
+from extras.int_kernels import use_integer_kernels
 
 
-def __getattr__(name):  # PEP 562: `from data.harness import HarnessModel` imports lm_eval only then
+def __getattr__(name):  # PEP 562: `from extras.harness import HarnessModel` imports lm_eval only then
     if name == "HarnessModel":
         return harness_model_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -47,11 +47,12 @@ def harness_model_class():
     class HarnessModel(LM):
         """From a checkpoint (pretrained=DIR, or a name load_model knows: plain, rotated, merged,
         quantized alike) or from a built model= and tokenizer=. batch_size counts rows, as eval.py's
-        does; add_bos_token is eval.py's --bos; max_length defaults to max_position_embeddings."""
+        does; add_bos_token is eval.py's --bos; max_length defaults to max_position_embeddings;
+        int_kernels=True is --int-kernels (a quantized model's linears on int8 products, in place)."""
 
         def __init__(self, pretrained=None, model=None, tokenizer=None, dtype="float32", device="cpu",
                      batch_size=32, max_batch_size=None, add_bos_token=False, max_length=None,
-                     max_gen_toks=256, share_prefix=True):  # max_batch_size: the harness always passes it
+                     max_gen_toks=256, share_prefix=True, int_kernels=False):  # max_batch_size: always passed
             super().__init__()
             if pretrained is not None:
                 if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -59,6 +60,8 @@ def harness_model_class():
                 model, tokenizer, _ = load_model(pretrained, dtype=getattr(torch, dtype), device=device)
             if model is None or tokenizer is None:
                 raise ValueError("HarnessModel needs pretrained=DIR, or both model= and tokenizer=")
+            if int_kernels:
+                use_integer_kernels(model)
             self.model, self.tokenizer, self._device = model.eval(), tokenizer, model.lm_head.weight.device
             self.batch_size = 32 if str(batch_size).startswith("auto") else int(batch_size)  # no auto search
             self.add_bos, self.share_prefix, self.max_gen_toks = add_bos_token, share_prefix, max_gen_toks

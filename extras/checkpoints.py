@@ -1,4 +1,6 @@
-"""A training run's folder: its checkpoints (adapters, AdamW state, scheduler, RNG) and its lock.
+"""A training run's folder: its checkpoints (adapters, AdamW state, scheduler, RNG), --resume, and its lock.
+
+Beyond the paper, whose runs start and finish in one go; a student can skip this file.
 
 train.py writes OUT/ckpt-STEP/ every --save-every steps: adapters.safetensors, optimizer.safetensors
 (AdamW's moments), rng.safetensors (the CPU generator), state.json (step, scheduler, history,
@@ -20,7 +22,13 @@ from pathlib import Path
 import torch
 
 import lora
+from data.options import BadInput
 from model import write_atomically
+from rotate import load_learned_rotation, save_learned_rotation
+
+
+class FolderInUse(BadInput, RuntimeError):
+    """Another run holds the lock on this --out."""
 
 
 def optimizer_tensors(optimizer) -> tuple[dict, dict]:
@@ -44,7 +52,6 @@ def save_training_checkpoint(out: Path, step: int, model, optimizer, scheduler, 
     save_file(opt_tensors, tmp / "optimizer.safetensors")
     save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
     if learned is not None:
-        from data.models.rotated import save_learned_rotation  # lazily: rotate.py imports the datasets
         save_learned_rotation(learned, tmp)
     meta = dict(extra, step=step, optimizer=opt_rest,
                 scheduler={"last_epoch": scheduler.last_epoch, "_step_count": scheduler._step_count})
@@ -83,7 +90,6 @@ def load_training_checkpoint(out: Path, model, optimizer, scheduler) -> dict:
 def load_checkpoint_rotation(out: Path):
     """The learned rotation of OUT/latest, checked against its state.json's record (None if the run's
     rotation was not learned)."""
-    from data.models.rotated import load_learned_rotation
     ckpt = out / (out / "latest").read_text().strip()
     record = json.loads((ckpt / "state.json").read_text()).get("rotation") or {}
     return load_learned_rotation(ckpt, record) if "learned" in record else None
@@ -102,7 +108,7 @@ def locked_output_folder(out: Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise RuntimeError(f"--out {out}: a run is already writing this folder ({holder}); wait for it to "
+        raise FolderInUse(f"--out {out}: a run is already writing this folder ({holder}); wait for it to "
                            "finish, or choose another --out") from None
     handle.seek(0)
     handle.truncate()

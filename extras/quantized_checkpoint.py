@@ -1,4 +1,7 @@
-"""Saved quantized models: integer codes, scales and zero points, reloaded without calibration.
+"""Saved quantized models (OUT/quantized): integer codes, scales and zero points, reloaded without calibration.
+
+Beyond the paper, which measures fake-quantized models and saves none. It sits above rotate.py
+and quant.py: a rotated quantized model needs both back.
 
 A directory written by save_quantized: config.json, quantization.json (the QuantConfig and how
 the codes are stored), rotation.json when the model was rotated (rotate.py's record; with
@@ -20,9 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from data.options import BadKey, BadValue, MissingFile
 from model import (BLOCK_LINEARS, HF_IGNORED_SUFFIXES, Transformer, hf_state_dict_names, read_config, replace_module,
                    rope_inverse_frequencies, safetensors_files, write_atomically)
 from quant import QuantConfig, QuantLinear, integer_range, quantize_model
+from rotate import add_online_hadamards, load_learned_rotation, read_rotation_record, write_rotation_record
 
 QUANT_RECORD = "quantization.json"  # listed in model.STAGE_RECORDS: load_checkpoint refuses the directory
 CODE_SUFFIXES = (".qweight", ".scales", ".zeros")
@@ -73,7 +78,6 @@ def _rebuild_stages(model: nn.Module, config: QuantConfig, rotation: dict | None
     online Hadamard, a QuantLinear for every weight on a grid ({path: (scale, zero)}), the
     activation and KV quantizers of `config`. No weight is computed: the weights are already quantized."""
     if rotation is not None:
-        from rotate import add_online_hadamards  # lazily: rotate.py imports the datasets
         add_online_hadamards(model, rotation["r4"], rotation.get("r3", False))
     for path, grid in grids.items():
         replace_module(model, path, QuantLinear(model.get_submodule(path).weight.detach(), grid=grid))
@@ -157,7 +161,6 @@ def save_quantized(model: nn.Module, path):
     record = _quantization_record(config, rotation is not None)
     # the records first: a directory never holds these weights without them
     if rotation is not None:  # (+ rotation.safetensors for a learned one: checked before it writes anything)
-        from data.models.rotated import write_rotation_record  # lazily: rotate.py imports the datasets
         write_rotation_record(path, rotation, getattr(model, "learned_rotation", None))
     else:
         for stale in ("rotation.json", "rotation.safetensors"):  # an earlier save's, in this directory
@@ -175,29 +178,29 @@ def read_quantization_record(path) -> tuple[QuantConfig, bool]:
     """(QuantConfig, rotated) of a directory written by save_quantized, every field checked."""
     record_file = Path(path) / QUANT_RECORD
     if not record_file.is_file():
-        raise FileNotFoundError(f"{record_file}: no quantization record; was this saved by save_quantized?")
+        raise MissingFile(f"{record_file}: no quantization record; was this saved by save_quantized?")
     try:
         record = json.loads(record_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{record_file}: not valid JSON ({e})") from None
+        raise BadValue(f"{record_file}: not valid JSON ({e})") from None
     if not isinstance(record, dict) or not isinstance(record.get("config", {}), dict):
-        raise ValueError(f"{record_file}: expected a JSON object whose 'config' is an object")
+        raise BadValue(f"{record_file}: expected a JSON object whose 'config' is an object")
     names, config_fields = [f.name for f in dataclasses.fields(QuantConfig)], record.get("config", {})
     missing = [key for key in _quantization_record(QuantConfig(), False) if key not in record]
     missing += [f"config.{name}" for name in names if "config" in record and name not in config_fields]
     if missing:
-        raise KeyError(f"{record_file}: missing field(s) {missing}")
+        raise BadKey(f"{record_file}: missing field(s) {missing}")
     unknown = [f"config.{name}" for name in config_fields if name not in names]
     if unknown:
-        raise KeyError(f"{record_file}: unknown field(s) {unknown}")
+        raise BadKey(f"{record_file}: unknown field(s) {unknown}")
     try:
         config = QuantConfig(**config_fields)
         config.validate()
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{record_file}: invalid config ({e})") from None
+        raise BadValue(f"{record_file}: invalid config ({e})") from None
     for key, value in _quantization_record(config, record["rotated"]).items():
         if record[key] != value:
-            raise ValueError(f"{record_file}: field '{key}' is {record[key]!r}; its config implies {value!r}")
+            raise BadValue(f"{record_file}: field '{key}' is {record[key]!r}; its config implies {value!r}")
     return config, record["rotated"]
 
 
@@ -210,7 +213,7 @@ def _read_tensors(path: Path) -> dict[str, tuple[torch.Tensor, Path]]:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 tensors.update({name: (f.get_tensor(name), file) for name in f.keys()})
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: unreadable or truncated safetensors file ({e})") from None
+            raise BadValue(f"{file}: unreadable or truncated safetensors file ({e})") from None
     return tensors
 
 
@@ -224,10 +227,9 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
     model_config = read_config(path)
     rotation = None
     if rotated:
-        from data.models.rotated import read_rotation_record  # lazily: rotate.py imports the datasets
         rotation = read_rotation_record(path, model_config)
         if rotation is None:
-            raise FileNotFoundError(f"{path / 'rotation.json'}: missing, but {path / QUANT_RECORD} says the "
+            raise MissingFile(f"{path / 'rotation.json'}: missing, but {path / QUANT_RECORD} says the "
                                     "model is rotated (its online Hadamard would be lost)")
     with torch.device("meta"):
         model = Transformer(model_config)
@@ -239,12 +241,12 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
 
     def take(key: str, shape: tuple, dtypes: tuple) -> torch.Tensor:
         if key not in stored:
-            raise KeyError(f"{where(key)}: missing key '{key}'")
+            raise BadKey(f"{where(key)}: missing key '{key}'")
         tensor = stored.pop(key)[0]
         if tuple(tensor.shape) != shape:
-            raise ValueError(f"{where(key)}: key '{key}' has shape {tuple(tensor.shape)}, config.json implies {shape}")
+            raise BadValue(f"{where(key)}: key '{key}' has shape {tuple(tensor.shape)}, config.json implies {shape}")
         if dtypes and tensor.dtype not in dtypes:
-            raise ValueError(f"{where(key)}: key '{key}' is {tensor.dtype}, {QUANT_RECORD} implies {dtypes[0]}")
+            raise BadValue(f"{where(key)}: key '{key}' is {tensor.dtype}, {QUANT_RECORD} implies {dtypes[0]}")
         return tensor
 
     plain, grids = {}, {}
@@ -257,7 +259,7 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
         out_features, in_features = shape
         base, bits, group_size = hf_name.removesuffix(".weight"), config.w_bits, config.w_group_size
         if group_size is not None and in_features % group_size:
-            raise ValueError(f"{path / QUANT_RECORD}: group_size={group_size} does not divide the width "
+            raise BadValue(f"{path / QUANT_RECORD}: group_size={group_size} does not divide the width "
                              f"{in_features} of {module_path} (config.json)")
         n_groups = 1 if group_size is None else in_features // group_size
         packed = code_container(bits) == "uint4x2"
@@ -271,10 +273,10 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
         for key, values, high in ((".qweight", codes, 2 ** bits - 1), (".zeros", zero.int(), zero_max)):
             low_value, high_value = torch.aminmax(values)
             if low_value < 0 or high_value > high:
-                raise ValueError(f"{where(base + key)}: key '{base + key}' holds {int(low_value)}..{int(high_value)}"
+                raise BadValue(f"{where(base + key)}: key '{base + key}' holds {int(low_value)}..{int(high_value)}"
                                  f", out of range 0..{high} for a {grid_kind} grid")
         if not (torch.isfinite(scale) & (scale > 0)).all():
-            raise ValueError(f"{where(base + '.scales')}: key '{base}.scales' holds a scale that is not "
+            raise BadValue(f"{where(base + '.scales')}: key '{base}.scales' holds a scale that is not "
                              "positive and finite")
         qmin, _ = integer_range(bits, config.w_symmetric)
         scale, zero = scale.reshape(-1, 1), zero.float().reshape(-1, 1)  # (out * n_groups, 1)
@@ -283,13 +285,12 @@ def load_quantized(path, dtype=torch.float32, device="cpu") -> nn.Module:
         grids[module_path] = (scale.view(out_features, -1).to(device), zero.view(out_features, -1).to(device))
     unexpected = [key for key in stored if not key.endswith(HF_IGNORED_SUFFIXES)]
     if unexpected:
-        raise KeyError(f"{where(unexpected[0])}: unexpected key '{unexpected[0]}' for this config.json and "
+        raise BadKey(f"{where(unexpected[0])}: unexpected key '{unexpected[0]}' for this config.json and "
                        f"{QUANT_RECORD} (w_bits={config.w_bits})")
     model.load_state_dict(plain, strict=False, assign=True)
     if model_config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rope_inv_freq = rope_inverse_frequencies(model_config).to(device)
     if rotation is not None and "learned" in rotation:
-        from data.models.rotated import load_learned_rotation
         model.learned_rotation = load_learned_rotation(path, rotation)
     return _rebuild_stages(model, config, rotation, grids).eval()
