@@ -35,7 +35,7 @@ import quant  # noqa: E402
 import rotate  # noqa: E402
 import train  # noqa: E402  (its loss and its gradient checkpointing: measured as they run)
 from bench_train import SHAPES  # noqa: E402  (bench/ is this script's folder)
-from data.options import check_options, option, parse_config  # noqa: E402
+from data.options import check_options, one_line_errors, option, parse_config  # noqa: E402
 from model import BLOCK_INPUTS, Block, ModelConfig, Transformer  # noqa: E402
 
 GB = 1e9
@@ -61,7 +61,7 @@ class BenchPlanConfig:
                       "bound: make_batch pads to the batch's longest example)", at_least=16)
     rank: int = option(16, "LoRA rank on q_proj, v_proj (alpha changes neither memory nor FLOPs)", at_least=1)
     epochs: float = option(3.0, "passes over the training examples")
-    train_examples: int = option(46802, "the 52002 alpaca-gpt4 records minus the 10% held out", at_least=1)
+    train_examples: int = option(46802, "the 52002 alpaca-gpt4 records minus the tenth held out", at_least=1)
     mfu: float = option(0.4, "model FLOP utilisation assumed on the GPU", at_most=1.0)
     peak_tflops: float = option(989.0, "the GPU's dense bf16 peak, TFLOP/s (H100 SXM: 989)")
     fp32_tflops: float = option(67.0, "its fp32 (and fp64 tensor-core) peak, TFLOP/s, for GPTQ's Hessians "
@@ -86,10 +86,12 @@ class BenchPlanConfig:
 # Measured: one training step of a reduced-depth model on the CPU
 
 
-def build(config: ModelConfig, depth: int, rank: int, checkpointing: bool) -> Transformer:
-    """A `depth`-layer copy of `config` set up for training as train.finetune_stage does it."""
+def build(config: ModelConfig, depth: int, rank: int, checkpointing: bool, device: str = "cpu") -> Transformer:
+    """A `depth`-layer copy of `config` set up for training as train.finetune_stage does it (bench/gpu_step.py
+    builds it at full depth on the GPU)."""
     torch.manual_seed(0)
-    model = Transformer(dataclasses.replace(config, num_hidden_layers=depth)).to(torch.bfloat16)
+    with torch.device(device):
+        model = Transformer(dataclasses.replace(config, num_hidden_layers=depth)).to(torch.bfloat16)
     # R1 and R4's weight half change only the values of the weights; R4's online half is an op of its own
     rotate.add_online_hadamards(model, r4=True, r3=False)
     lora.add_lora(model, ("q_proj", "v_proj"), rank=rank, alpha=rank)
@@ -203,8 +205,8 @@ def gptq_launches(linears: list) -> float:
     return sum(n * per_column + math.ceil(out / max(1, 2 ** 18 // n)) * per_chunk for n, out in linears)
 
 
-def gptq_plan(cfg: ModelConfig, weight_bytes: float) -> dict:
-    q = quant.QuantConfig()  # the recipe's calibration: 128 windows x 2048 tokens, 8 windows per forward
+def gptq_plan(cfg: ModelConfig, weight_bytes: float, q: quant.QuantConfig | None = None) -> dict:
+    q = q or quant.QuantConfig()  # the recipe's calibration: 128 windows x 2048 tokens, 8 windows per forward
     d, f, T, L = cfg.hidden_size, cfg.intermediate_size, q.calib_seq_len, cfg.num_hidden_layers
     tokens = q.calib_windows * T
     with torch.device("meta"):
@@ -236,6 +238,12 @@ def gptq_plan(cfg: ModelConfig, weight_bytes: float) -> dict:
             "bf16_flops": L * forwards, "fp32_flops": L * (hessians + solves), "launches": L * gptq_launches(linears)}
 
 
+def gptq_minutes(gptq: dict, args: BenchPlanConfig) -> float:
+    """gptq_plan's run in minutes: bf16 FLOPs at the MFU, fp32/fp64 FLOPs at the fp32 peak x MFU, and the small ops."""
+    return (gptq["bf16_flops"] / (args.mfu * args.peak_tflops * 1e12)
+            + gptq["fp32_flops"] / (args.mfu * args.fp32_tflops * 1e12) + gptq["launches"] * args.launch_us * 1e-6) / 60
+
+
 # -----------------------------------------------------------------------------
 # The plan
 
@@ -262,9 +270,9 @@ def check_rows(name: str, m: dict) -> list[str]:
             f"{m[ckpt]['per_layer'][key] / m[ckpt]['formula'][key]:.4f} |" for ckpt, key, label, unit in CHECKS]
 
 
-def plan_rows(name: str, m: dict, args: BenchPlanConfig, steps: int) -> tuple[list[str], str]:
+def train_plan(name: str, m: dict, args: BenchPlanConfig) -> dict:
+    """{grad checkpointing: False, True} -> the step of batch x seq: what it holds at its peak (bytes) and its FLOPs."""
     cfg, B, T = SHAPES[name], args.batch, args.seq
-    tflops, room = args.mfu * args.peak_tflops * 1e12, args.gpu_gb - args.reserve_gb
     weights = m[False]["full"]["param_bytes"]
     adapters = 16 * m[False]["full"]["adapter_params"]  # fp32 weight, its gradient, AdamW's two moments
     # The loss, train.summed_token_loss on model.forward's logits: lm_head's bf16 logits live only until
@@ -272,21 +280,31 @@ def plan_rows(name: str, m: dict, args: BenchPlanConfig, steps: int) -> tuple[li
     # logits through the whole backward; log_softmax saves its fp32 output (measured); nll_loss's gradient
     # and log_softmax's input gradient are fp32 (B T, V) too: 16 bytes a logit when backward starts.
     logits = B * T * cfg.vocab_size
-    gptq = gptq_plan(cfg, weights)
-    gptq_min = (gptq["bf16_flops"] / tflops + gptq["fp32_flops"] / (args.mfu * args.fp32_tflops * 1e12)
-                + gptq["launches"] * args.launch_us * 1e-6) / 60
-    rows = []
+    plans = {}
     for ckpt in (False, True):
         full = m[ckpt]["full"]
         saved, loss = B * full["saved"], B * full["logits"] + 12 * logits  # batch 1 -> B: linear
-        peak = (weights + adapters + saved + loss) / GB
+        peak = weights + adapters + saved + loss
         if ckpt:  # or later: the last block recomputed (its activations unsaved) and the fp32 logits
-            peak = max(peak, (weights + adapters + saved + B * m[False]["per_layer"]["saved"] + 4 * logits) / GB)
+            peak = max(peak, weights + adapters + saved + B * m[False]["per_layer"]["saved"] + 4 * logits)
+        plans[ckpt] = {"weights": weights, "adapters": adapters, "saved": saved, "loss": loss, "peak": peak,
+                       "flops": B * full["flops"]}
+    return plans
+
+
+def plan_rows(name: str, m: dict, args: BenchPlanConfig, steps: int) -> tuple[list[str], str]:
+    cfg, weights = SHAPES[name], m[False]["full"]["param_bytes"]
+    tflops, room = args.mfu * args.peak_tflops * 1e12, args.gpu_gb - args.reserve_gb
+    gptq = gptq_plan(cfg, weights)
+    gptq_min = gptq_minutes(gptq, args)
+    rows = []
+    for ckpt, p in train_plan(name, m, args).items():
+        peak, flops = p["peak"] / GB, p["flops"]
         fits = "yes" if max(peak, gptq["peak_gb"]) <= room else "NO (train)" if peak > room else "NO (GPTQ)"
-        flops = B * full["flops"]
-        cells = [name, "yes" if ckpt else "no", f"{weights / GB:.1f}", f"{adapters / GB:.2f}", f"{saved / GB:.1f}",
-                 f"{loss / GB:.1f}", f"{gptq['hessians_gb']:.1f}", f"{peak:.1f}", f"{gptq['peak_gb']:.1f}",
-                 f"{flops / 1e12:.1f}", fits, f"{steps * flops / tflops / 3600:.1f}", f"{gptq_min:.0f}"]
+        cells = [name, "yes" if ckpt else "no", f"{p['weights'] / GB:.1f}", f"{p['adapters'] / GB:.2f}",
+                 f"{p['saved'] / GB:.1f}", f"{p['loss'] / GB:.1f}", f"{gptq['hessians_gb']:.1f}", f"{peak:.1f}",
+                 f"{gptq['peak_gb']:.1f}", f"{flops / 1e12:.1f}", fits, f"{steps * flops / tflops / 3600:.1f}",
+                 f"{gptq_min:.0f}"]
         rows.append("| " + " | ".join(cells) + " |")
     rotation_gb = (weights + 3 * 8 * cfg.vocab_size * cfg.hidden_size) / GB  # the fp64 embedding, transform, buffer
     note = (f"{name}: GPTQ {gptq['bf16_flops'] / 1e15:.1f} PFLOP bf16 + {gptq['fp32_flops'] / 1e15:.1f} PFLOP "
@@ -337,4 +355,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with one_line_errors("bench/bench_plan.py"):
+        main()
