@@ -18,10 +18,17 @@ from its last checkpoint), on this machine or, for the evaluation cells, on any 
     python bench/reproduce.py --table         # the README table, made from the results file
     python bench/reproduce.py --figures       # bench/reproduce_average.png and bench/reproduce_loss.png
     python bench/reproduce.py --methods lora --settings fp,w4a4_rtn   # a part of the grid
+    python bench/reproduce.py --seeds 0,1,2 --methods lbr,rolora --settings w4a4_rtn,w4a4_gptq  # LAR vs LBR, paired
 Two processes can share the results file once a training's model is there (each row has its own
 --out folder, and every save re-reads the file under a lock), e.g. two 1-thread processes on a
-2-core machine, with --settings split between them. Train at the thread count the recorded training used:
-a training is checked to give the same adapters (sha256) when a new machine runs it again.
+2-core machine, with --settings split between them. A training made again (its model is lost with
+the machine that made it) is checked to be the recorded one up to float rounding (same_training).
+
+--seeds runs the paired experiment: the cells of each seed (of data order, adapter initialisation
+and rotation alike) under seed<S>/, every evaluation row with the per-item records a paired
+comparison needs (each item's choice and correctness, each perplexity window's and held-out
+example's summed loss and tokens); --table then adds LAR minus LBR per seed and over the seeds,
+with paired standard errors.
 """
 import contextlib
 import dataclasses
@@ -36,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,6 +71,8 @@ class ReproduceConfig:
     methods: str = option(",".join(METHODS), f"comma-separated, from {', '.join(METHODS)}")
     settings: str = option(",".join(SETTINGS), f"comma-separated, from {', '.join(SETTINGS)}")
     seed: int = option(0, "seed of the rotation, the adapter init and the data order (the same for all)")
+    seeds: str = option("", "comma-separated seeds of the paired experiment: each seed's cells under seed<S>/, "
+                        "with per-item records ('': the grid's own cells, of --seed)")
     steps: int = option(200, "optimizer steps of every method (batch 8: 1600 examples, ~1.8 epochs of the "
                         "900-example Alpaca GPT-4 subset)", at_least=1)
     tasks: str = option("boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa", "zero-shot tasks")
@@ -85,6 +95,18 @@ class ReproduceConfig:
             unknown = [n for n in names if n not in known]
             if unknown or not names:
                 raise ValueError(f"{flag}={','.join(names)}: unknown {unknown}; choose from {', '.join(known)}")
+
+        try:
+            self.seed_list()
+        except ValueError:
+            raise ValueError(f"--seeds={self.seeds!r}: must be comma-separated integers") from None
+
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.seeds.split(",") if s]
+
+    def replicates(self) -> list[tuple[int, str]]:
+        """(seed, cell prefix) of every set of cells to run: the grid's own (prefix ''), or one per --seeds."""
+        return [(s, f"seed{s}/") for s in self.seed_list()] or [(self.seed, "")]
 
     def method_list(self) -> list[str]:
         return [m for m in self.methods.split(",") if m]
@@ -158,17 +180,26 @@ def save_cell(args, results: dict, name: str, cell: dict | None = None):
 def machine() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"CPU {cpu_model()} ({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown"
 
 
 # -----------------------------------------------------------------------------
 # The cells
 
 
-def train_config(args, training: str, **changes) -> train.TrainConfig:
+def train_config(args, training: str, seed: int, prefix: str = "", **changes) -> train.TrainConfig:
     """train.py's configuration of one training (every method shares all but rotate / qat)."""
     options = dict(
-        model=args.model, data=args.data, out=str(Path(args.out) / training), seed=args.seed,
+        model=args.model, data=args.data, out=str(Path(args.out) / prefix / training), seed=seed,
         max_steps=args.steps, eval_every=max(1, args.steps // 10), save_every=max(1, args.steps // 10),
         tasks=args.tasks, eval_limit=args.eval_limit, ppl_windows=args.ppl_windows, ppl_seq_len=args.ppl_seq_len,
         val_examples=args.val_examples, calib_windows=args.calib_windows, calib_seq_len=args.calib_seq_len,
@@ -176,39 +207,103 @@ def train_config(args, training: str, **changes) -> train.TrainConfig:
     return replace_options(train.TrainConfig(), **(options | changes))
 
 
-def model_is_here(args, training: str) -> bool:
+def model_is_here(args, training: str, prefix: str = "") -> bool:
     """The training's merged model is on this machine (out/ is not committed: a new one trains again)."""
-    return (Path(args.out) / training / "merged").is_dir()
+    return (Path(args.out) / prefix / training / "merged").is_dir()
 
 
-def adapters_digest(args, training: str) -> str:
+def adapters_file(args, training: str, prefix: str = "") -> Path:
+    return Path(args.out) / prefix / training / "adapters" / lora.ADAPTER_WEIGHTS
+
+
+def adapters_digest(args, training: str, prefix: str = "") -> str:
     """sha256 of the saved adapters: the one thing a training passes to its evaluation cells."""
-    path = Path(args.out) / training / "adapters" / lora.ADAPTER_WEIGHTS
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256(adapters_file(args, training, prefix).read_bytes()).hexdigest()
 
 
-def check_same_training(args, results: dict, training: str, cell: dict):
-    """A training run again (its adapters were lost with the machine that made them) must give the
-    adapters its finished evaluation cells were made with, else the table would mix two models.
-    Training is deterministic for one machine and thread count; another may round differently.
-    A training no row was made from yet is simply replaced: nothing in the table mixes the two."""
-    old = results["cells"].get(f"train/{training}")
+# A training made again on another machine sums in another order, so its adapters differ from the
+# recorded ones by float rounding: bit-for-bit equality holds only where a cell was made. "The same
+# training" is judged by what can be compared across machines: every loss of the curve within
+# LOSS_RTOL of the recorded one, and a fingerprint of the adapters (FINGERPRINT_SIZE fixed random
+# projections of all their values) within FINGERPRINT_RTOL. Another seed or other hyper-parameters
+# change the very first losses and move the projections by their whole size.
+LOSS_RTOL = 1e-3
+FINGERPRINT_SIZE, FINGERPRINT_RTOL = 16, 1e-2
+
+
+def adapters_fingerprint(path: Path) -> list[float]:
+    """FINGERPRINT_SIZE projections of the adapters on fixed random directions (seeded, the same on
+    every machine): small enough to record, and two adapters' largest relative difference shows in them."""
+    tensors = load_file(str(path))
+    generator = torch.Generator().manual_seed(0)
+    total = torch.zeros(FINGERPRINT_SIZE, dtype=torch.float64)
+    for name in sorted(tensors):
+        values = tensors[name].double().flatten()
+        total += torch.randn(FINGERPRINT_SIZE, values.numel(), generator=generator, dtype=torch.float64) @ values
+    return total.tolist()
+
+
+def training_difference(old: dict, new: dict) -> dict:
+    """How far a training made again is from the recorded one: the largest relative difference of
+    a loss of the curve (training and held-out), and of the fingerprint (None where it has none)."""
+    old_h, new_h = old["history"], as_saved(new["history"])
+    if len(old_h["train_loss"]) != len(new_h["train_loss"]) or \
+            [s for s, _ in old_h["val_loss"]] != [s for s, _ in new_h["val_loss"]]:
+        return {"loss": math.inf, "fingerprint": None}
+    pairs = list(zip(old_h["train_loss"], new_h["train_loss"])) + [
+        (a, b) for (_, a), (_, b) in zip(old_h["val_loss"], new_h["val_loss"])]
+    loss = max(abs(a - b) / abs(a) for a, b in pairs)
+    fingerprint = None
+    if "adapters_fingerprint" in old:
+        a, b = torch.tensor(old["adapters_fingerprint"]), torch.tensor(new["adapters_fingerprint"])
+        fingerprint = ((a - b).abs().max() / a.abs().max()).item()
+    return {"loss": loss, "fingerprint": fingerprint}
+
+
+def same_training(old: dict, new: dict) -> tuple[bool, dict]:
+    """(whether `new` is the recorded training `old` made again, bit for bit or within float
+    rounding; the measured differences)."""
+    if old.get("adapters_sha256") == new["adapters_sha256"]:
+        return True, {"loss": 0.0, "fingerprint": 0.0}
+    difference = training_difference(old, new)
+    same = difference["loss"] <= LOSS_RTOL and (difference["fingerprint"] is None
+                                                or difference["fingerprint"] <= FINGERPRINT_RTOL)
+    return same, difference
+
+
+def check_same_training(args, results: dict, training: str, cell: dict, prefix: str = ""):
+    """A training run again (its adapters were lost with the machine that made them) must be the
+    one its finished evaluation cells were made with (same_training), else the table would mix two
+    models; the cell records how far it is from the recorded one. A training no row was made from
+    yet is simply replaced: nothing in the table mixes the two."""
+    old = results["cells"].get(f"{prefix}train/{training}")
     if old is None:
         return
-    same = old["adapters_sha256"] == cell["adapters_sha256"] if "adapters_sha256" in old else (
-        old["history"] == as_saved(cell["history"]))  # cells from before the digest was recorded: the loss curve
-    if not same and not rows_made_from(results, training):  # nothing made from the old adapters: replace them
-        print(f"train/{training}: trained again, it gave other adapters than the recorded ones ({old['machine']}; "
-              f"this run on {machine()}); no row was made from those, so this training replaces them", flush=True)
+    same, difference = same_training(old, cell)
+    cell["same_as_recorded"] = {"adapters_sha256": old["adapters_sha256"], "machine": old["machine"],
+                                **difference} if "adapters_sha256" in old else {"machine": old["machine"], **difference}
+    if not same and not rows_made_from(results, training, prefix):  # nothing made from the old adapters
+        print(f"{prefix}train/{training}: trained again, it gave another training than the recorded one "
+              f"({old['machine']}; this run on {machine()}; {describe(difference)}); no row was made from it, "
+              "so this training replaces it", flush=True)
+        del cell["same_as_recorded"]
     elif not same:
         stamp = time.strftime('%Y%m%d-%H%M%S')
-        kept = next(k for i in range(1000) if not (k := Path(args.out) / f"{training}.differs-{stamp}-{i}").exists())
-        (Path(args.out) / training).rename(kept)  # kept for a look, never used by a cell
+        folder = Path(args.out) / prefix
+        kept = next(k for i in range(1000) if not (k := folder / f"{training}.differs-{stamp}-{i}").exists())
+        (folder / training).rename(kept)  # kept for a look, never used by a cell
         raise ValueError(
-            f"train/{training}: trained again, it gave other adapters than the ones the finished cells of "
-            f"{args.results} were made with (recorded on {old['machine']}; this run on {machine()}); kept in "
-            f"{kept}. Run it where those were made, or start this training's cells over: delete train/{training} "
+            f"{prefix}train/{training}: trained again, it gave another training than the one the finished cells "
+            f"of {args.results} were made with ({describe(difference)}; recorded on {old['machine']}; this run "
+            f"on {machine()}); kept in {kept}. Start this training's cells over: delete {prefix}train/{training} "
             f"and its eval/ cells from {args.results}, or use another --results file")
+
+
+def describe(difference: dict) -> str:
+    fingerprint = difference["fingerprint"]
+    return (f"loss curve {difference['loss']:.1e} apart (relative; same below {LOSS_RTOL:g})"
+            + ("" if fingerprint is None else
+               f", adapters {fingerprint:.1e} apart (relative; same below {FINGERPRINT_RTOL:g})"))
 
 
 def as_saved(value):
@@ -216,15 +311,16 @@ def as_saved(value):
     return json.loads(json.dumps(value))
 
 
-def rows_made_from(results: dict, training: str) -> list[str]:
+def rows_made_from(results: dict, training: str, prefix: str = "") -> list[str]:
     """The evaluation cells, finished or cut, made from a training's adapters."""
     made = [*results["cells"], *results.get("partial", {})]
-    return [n for n in made if n.startswith("eval/") and METHODS[n.split("/")[1]][0] == training]
+    return [n for n in made if n.startswith(f"{prefix}eval/")
+            and METHODS[n.removeprefix(prefix).split("/")[1]][0] == training]
 
 
-def run_training(args, results: dict, training: str):
+def run_training(args, results: dict, training: str, seed: int, prefix: str = ""):
     """Fine-tune and merge (train.py's stages), leaving OUT/<training>/merged; resumes a cut one."""
-    cfg = train_config(args, training)
+    cfg = train_config(args, training, seed, prefix)
     cfg = dataclasses.replace(cfg, resume=(Path(cfg.out) / "latest").is_file())
     cfg.validate()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -235,27 +331,32 @@ def run_training(args, results: dict, training: str):
         history = train.finetune_stage(r, model)
         train.merge_stage(r, model)
     cell = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
-            "steps": cfg.max_steps, "history": history, "rotation": r.record, "resumed": cfg.resume,
-            "adapters_sha256": adapters_digest(args, training)}
-    check_same_training(args, results, training, cell)
-    save_cell(args, results, f"train/{training}", cell)
+            "steps": cfg.max_steps, "seed": seed, "history": history, "rotation": r.record, "resumed": cfg.resume,
+            "adapters_sha256": adapters_digest(args, training, prefix),
+            "adapters_fingerprint": adapters_fingerprint(adapters_file(args, training, prefix))}
+    check_same_training(args, results, training, cell, prefix)
+    twin = results["cells"].get(f"train/{training}") if prefix == f"seed{args.seed}/" else None
+    if twin is not None:  # the grid's own training of this seed, made elsewhere: how far apart they are
+        same, difference = same_training(twin, cell)
+        cell["grid_training"] = {"same": same, "machine": twin["machine"], **difference}
+    save_cell(args, results, f"{prefix}train/{training}", cell)
 
 
-def run_evaluation(args, results: dict, method: str, setting: str):
+def run_evaluation(args, results: dict, method: str, setting: str, seed: int, prefix: str = ""):
     """One row: the merged model of the method's training (rotated first for LBR), quantized as the
     setting says, evaluated as train.py evaluates (held-out loss, perplexity, the tasks)."""
     training, rotate_after_merge = METHODS[method]
     w_bits, a_bits, w_method = SETTINGS[setting]
-    merged = Path(args.out) / training / "merged"
-    out = Path(args.out) / "eval" / f"{method}-{setting}"  # one folder a row: two grid processes may run at once
-    cfg = train_config(args, training, model=str(merged), rotate=False, qat=False, out=str(out),
+    merged = Path(args.out) / prefix / training / "merged"
+    out = Path(args.out) / prefix / "eval" / f"{method}-{setting}"  # one folder a row: two processes may run at once
+    cfg = train_config(args, training, seed, prefix, model=str(merged), rotate=False, qat=False, out=str(out),
                        w_bits=w_bits, a_bits=a_bits, w_method=w_method)
     cfg.validate()
-    recorded = results["cells"][f"train/{training}"].get("adapters_sha256")
-    if recorded is not None and adapters_digest(args, training) != recorded:
-        raise ValueError(f"{merged.parent}: its adapters are not the ones train/{training} in {args.results} "
+    recorded = results["cells"][f"{prefix}train/{training}"].get("adapters_sha256")
+    if recorded is not None and adapters_digest(args, training, prefix) != recorded:
+        raise ValueError(f"{merged.parent}: its adapters are not the ones {prefix}train/{training} in {args.results} "
                          "recorded; delete the folder to train them again")
-    name = f"eval/{method}/{setting}"
+    name = f"{prefix}eval/{method}/{setting}"
     partial = results.get("partial", {}).get(name, {"seconds": 0.0, "cpu_seconds": 0.0, "row": {}})
     start, cpu_start = time.perf_counter(), time.process_time()
 
@@ -270,7 +371,7 @@ def run_evaluation(args, results: dict, method: str, setting: str):
     with train.open_run(cfg) as r:
         model = train.load_model_and_data(r)
         if rotate_after_merge:  # LBR: the rotation RoLoRA applies before fine-tuning, applied after it
-            rotate.rotate_model(model, seed=args.seed)
+            rotate.rotate_model(model, seed=seed)
         if cfg.quant.quantizes:
             model = train.quantized_copy(r, model)
         row = train.evaluate_row(r, model, partial["row"], save_partial)
@@ -281,18 +382,19 @@ def run_grid(args):
     results = read_results(args)
     check_same_grid(args, results)
     cells = results["cells"]
-    needed = {METHODS[m][0] for m in args.method_list()}
-    for method in args.method_list():
-        training = METHODS[method][0]
-        for setting in args.setting_list():
-            if f"eval/{method}/{setting}" in cells:
-                continue
-            if f"train/{training}" not in cells or not model_is_here(args, training):
-                print(f"== train/{training}", flush=True)
-                run_training(args, results, training)
-            print(f"== eval/{method}/{setting}", flush=True)
-            run_evaluation(args, results, method, setting)
-    print(f"all cells done for {sorted(needed)} x {args.setting_list()}: {args.results}")
+    for seed, prefix in args.replicates():
+        for method in args.method_list():
+            training = METHODS[method][0]
+            for setting in args.setting_list():
+                if f"{prefix}eval/{method}/{setting}" in cells:
+                    continue
+                if f"{prefix}train/{training}" not in cells or not model_is_here(args, training, prefix):
+                    print(f"== {prefix}train/{training}", flush=True)
+                    run_training(args, results, training, seed, prefix)
+                print(f"== {prefix}eval/{method}/{setting}", flush=True)
+                run_evaluation(args, results, method, setting, seed, prefix)
+    print(f"all cells done for {args.method_list()} x {args.setting_list()}"
+          + (f" x seeds {args.seed_list()}" if args.seed_list() else "") + f": {args.results}")
 
 
 # -----------------------------------------------------------------------------
@@ -308,13 +410,15 @@ def print_status(args):
     results = read_results(args)
     cells = results["cells"]
     trainings = list(dict.fromkeys(METHODS[m][0] for m in args.method_list()))
-    wanted = [f"train/{t}" for t in trainings] + [f"eval/{m}/{s}" for m in args.method_list()
-                                                   for s in args.setting_list()]
+    wanted = [name for _, prefix in args.replicates() for name in
+              [f"{prefix}train/{t}" for t in trainings] + [f"{prefix}eval/{m}/{s}" for m in args.method_list()
+                                                          for s in args.setting_list()]]
     for name in wanted:
         cell = cells.get(name)
         part = results.get("partial", {}).get(name)
         cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
-        lost = cell and name.startswith("train/") and not model_is_here(args, name.removeprefix("train/"))
+        prefix, _, kind = name.rpartition("train/") if "train/" in name else ("", "", "")
+        lost = cell and kind and not model_is_here(args, kind, prefix)
         print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
                                 + ("  (its model is not here: trained again before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
@@ -328,13 +432,15 @@ def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[s
     """The hours left, at the mean wall time of the finished cells of each kind: every row to do,
     and every training whose model is not on this machine while one of its rows is still to do."""
     cells = results["cells"]
-    mean = {kind: [c["seconds"] for n, c in cells.items() if n.startswith(kind)] for kind in ("train/", "eval/")}
+    kind_of = lambda name: name.split("/")[-3 if "eval/" in name else -2] + "/"  # noqa: E731
+    mean = {kind: [c["seconds"] for n, c in cells.items() if kind_of(n) == kind] for kind in ("train/", "eval/")}
     if not mean["train/"] or not mean["eval/"]:
         return "the time left is estimated once a training and a row are done"
     mean = {kind: sum(times) / len(times) for kind, times in mean.items()}
-    rows_to_do = [n for n in wanted if n.startswith("eval/") and n not in cells]
-    to_train = [t for t in trainings if not model_is_here(args, t)
-                and any(METHODS[n.split("/")[1]][0] == t for n in rows_to_do)]
+    rows_to_do = [n for n in wanted if "eval/" in n and n not in cells]
+    to_train = [prefix + t for _, prefix in args.replicates() for t in trainings
+                if not model_is_here(args, t, prefix)
+                and any(n.startswith(prefix + "eval/") and METHODS[n.split("/")[-2]][0] == t for n in rows_to_do)]
     hours = (len(rows_to_do) * mean["eval/"] + len(to_train) * mean["train/"]) / 3600
     return (f"left: {len(rows_to_do)} rows and the trainings {to_train}, about "
             f"{hours:.1f} h at the mean of the finished ones ({mean['train/']:.0f} s a training, "
@@ -366,6 +472,7 @@ def format_table(results: dict) -> str:
         answers.append(f"- Guessing at random scores {100 * chance:.2f} on these items (the mean over tasks of "
                        "1 / the number of choices).")
     lines += [""] + answers if answers else []
+    lines += paired_table(results)
     lines.append("\n* BoolQ without its passages (the mirror has none): not comparable with published numbers.")
     return "\n".join(lines)
 
@@ -412,6 +519,142 @@ def readings(table: dict) -> list[str]:
             lines.append(f"- {setting}: RoLoRA + QAT minus RoLoRA: "
                          f"{difference(table, ('rolora_qat', setting), ('rolora', setting))}.")
     return lines
+
+
+# -----------------------------------------------------------------------------
+# Paired differences: two rows scored on the same items, windows and held-out examples
+#
+# Two rows of the grid score the very same items, so their errors correlate: the standard error
+# of a difference is that of the per-item differences, sd(a_i - b_i) / sqrt(n) (a paired t
+# statistic, the normal approximation of it at these n), much smaller than the unpaired
+# sqrt(se_a^2 + se_b^2) when the two models get mostly the same items right. For accuracy a_i is
+# 0 or 1 (item i right or not); for perplexity the NLL per predicted token of window i (a difference
+# of log perplexities); for the held-out loss the examples carry different numbers of tokens, so
+# the difference of the token-weighted means sum(d_i) / sum(n_i), d_i the difference of example
+# i's summed losses, gets the ratio estimator's error sqrt(n / (n - 1) sum (d_i - D n_i)^2) / sum(n_i).
+# The seven-task average's error is sqrt(sum of the tasks' squared errors) / 7 (the tasks are
+# independent item sets), as eval.evaluate_tasks does for one row.
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a_i - b_i over paired observations and its standard error sd(d) / sqrt(n)."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired: {len(a)} against {len(b)} observations; need the same n >= 1")
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    if len(d) == 1:  # one window, say: no spread to measure
+        return mean, math.nan
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
+def paired_ratio(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
+    """sum(a_i) / sum(n_i) - sum(b_i) / sum(n_i) over [summed loss, tokens] pairs of the same
+    examples (the same n_i), with the ratio estimator's standard error."""
+    if [n for _, n in a] != [n for _, n in b] or len(a) < 2:
+        raise ValueError("paired_ratio: the rows were not scored on the same examples")
+    d = [x - y for (x, _), (y, _) in zip(a, b)]
+    tokens = [n for _, n in a]
+    total = sum(tokens)
+    mean = sum(d) / total
+    spread = sum((di - mean * n) ** 2 for di, n in zip(d, tokens)) * len(d) / (len(d) - 1)
+    return mean, math.sqrt(spread) / total
+
+
+def has_records(row: dict) -> bool:
+    return "ppl_windows" in row and "heldout_examples" in row and all("correct" in m for m in row["tasks"].values())
+
+
+def paired_row_difference(a: dict, b: dict) -> dict:
+    """Row a minus row b, each measure with its paired standard error: the seven-task average
+    (points), each task (points), log perplexity (and the perplexity ratio), held-out loss."""
+    tasks = [t for t in a["average_tasks"]]
+    per_task = {t: paired([int(c) for c in a["tasks"][t]["correct"]], [int(c) for c in b["tasks"][t]["correct"]])
+                for t in tasks}
+    average = sum(m for m, _ in per_task.values()) / len(tasks)
+    average_se = math.sqrt(sum(se * se for _, se in per_task.values())) / len(tasks)
+    log_ppl = paired([nll / n for nll, n in a["ppl_windows"]], [nll / n for nll, n in b["ppl_windows"]])
+    return {"average": (100 * average, 100 * average_se), "tasks": {t: (100 * m, 100 * se) for t, (m, se) in per_task.items()},
+            "log_ppl": log_ppl, "ppl_ratio": math.exp(log_ppl[0]),
+            "heldout_loss": paired_ratio(a["heldout_examples"], b["heldout_examples"])}
+
+
+PAIRS = (("rolora", "lbr", "LAR (RoLoRA) minus LBR"), ("rolora_qat", "rolora", "RoLoRA + QAT minus RoLoRA"))
+
+
+def seeded_rows(results: dict) -> dict:
+    """{(seed, method, setting): row} of the paired experiment's finished rows (cells seed<S>/eval/...)."""
+    found = {}
+    for name, cell in results["cells"].items():
+        head, _, rest = name.partition("/eval/")
+        if head.startswith("seed") and rest:
+            method, setting = rest.split("/")
+            found[(int(head.removeprefix("seed")), method, setting)] = cell["row"]
+    return found
+
+
+def paired_table(results: dict) -> list[str]:
+    """The paired experiment's answer: each pair of methods (PAIRS) at each setting, per seed and
+    over the seeds, with paired standard errors; and the machine noise of one row."""
+    found = {k: row for k, row in seeded_rows(results).items() if has_records(row)}
+    lines = []
+    for better, worse, title in PAIRS:
+        for setting in SETTINGS:
+            seeds = sorted(seed for seed, m, s in found if m == better and s == setting
+                           and (seed, worse, setting) in found)
+            if not seeds:
+                continue
+            if not lines:
+                lines = ["", "Paired differences (the same items, WikiText-2 windows and held-out examples; "
+                         "± the paired standard error; ppl ratio = exp of the log-ppl difference):", "",
+                         "| difference | setting | seed | average (points) | wiki2 log ppl (ppl ratio) | held-out loss |",
+                         "|---|---|---|---:|---:|---:|"]
+            diffs = [paired_row_difference(found[(seed, better, setting)], found[(seed, worse, setting)])
+                     for seed in seeds]
+            for seed, d in zip(seeds, diffs):
+                lines.append(f"| {title} | {setting} | {seed} | {d['average'][0]:+.2f} ± {d['average'][1]:.2f} | "
+                             f"{d['log_ppl'][0]:+.4f} ± {d['log_ppl'][1]:.4f} ({d['ppl_ratio']:.3f}) | "
+                             f"{d['heldout_loss'][0]:+.4f} ± {d['heldout_loss'][1]:.4f} |")
+            if len(seeds) > 1:
+                lines.append(over_seeds_row(title, setting, diffs))
+    return lines + machine_noise(results)
+
+
+def over_seeds_row(title: str, setting: str, diffs: list[dict]) -> str:
+    """The mean over seeds of each difference, ± its error from the items (sqrt(sum se^2) / S),
+    and the signs: a method effect has the same sign on every seed."""
+    cells = []
+    for key, scale, digits in (("average", 1, 2), ("log_ppl", 1, 4), ("heldout_loss", 1, 4)):
+        means = [d[key][0] for d in diffs]
+        mean = sum(means) / len(means)
+        error = math.sqrt(sum(d[key][1] ** 2 for d in diffs)) / len(diffs)
+        signs = "same sign on every seed" if all(m > 0 for m in means) or all(m < 0 for m in means) else \
+            f"signs differ: {', '.join(f'{m:+.{digits}f}' for m in means)}"
+        cells.append(f"{mean:+.{digits}f} ± {error:.{digits}f} ({signs})")
+    return f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(cells) + " |"
+
+
+def machine_noise(results: dict) -> list[str]:
+    """One row evaluated from two trainings of the same seed (the grid's own, recorded on another
+    machine, and the paired experiment's): how far it moves is the noise a difference must beat."""
+    cells, lines = results["cells"], []
+    seed = results.get("grid", {}).get("seed", 0)
+    for training in TRAININGS:
+        twin = cells.get(f"seed{seed}/train/{training}", {}).get("grid_training")
+        if twin is not None:
+            lines.append(f"- Machine noise, train/{training} made again as seed{seed}/train/{training} (recorded "
+                         f"on {twin['machine']}): {describe(twin)}; {'the same' if twin['same'] else 'NOT the same'} "
+                         "training by same_training.")
+    for method in METHODS:
+        for setting in SETTINGS:
+            a, b = cells.get(f"eval/{method}/{setting}"), cells.get(f"seed{seed}/eval/{method}/{setting}")
+            if a is None or b is None:
+                continue
+            a, b = a["row"], b["row"]
+            lines.append(f"- Machine noise, {method} at {setting} from two trainings of seed {seed}: ppl "
+                         f"{a['ppl']:.2f} and {b['ppl']:.2f} ({100 * (b['ppl'] / a['ppl'] - 1):+.1f}%), average "
+                         f"{100 * a['average']:.2f} and {100 * b['average']:.2f}, held-out loss "
+                         f"{a['heldout_loss']:.4f} and {b['heldout_loss']:.4f}.")
+    return [""] + lines if lines else []
 
 
 def draw_figures(args):

@@ -2,6 +2,7 @@
 interrupted run continues to the numbers of an uninterrupted one, LBR is LoRA's own merged model
 rotated (so it equals LoRA at full precision), and the table is made from the results file."""
 import json
+import math
 import re
 import sys
 
@@ -116,7 +117,7 @@ def test_a_row_cut_between_two_tasks_continues_from_its_last_finished_task(tmp_p
     results = json.loads((tmp_path / "results.json").read_text())
     assert "eval/lora/fp" not in results["cells"]
     cut = results["partial"]["eval/lora/fp"]
-    assert list(cut["row"]) == ["heldout_loss", "ppl", "tasks"] and list(cut["row"]["tasks"]) == ["piqa"]
+    assert list(cut["row"]) == ["heldout_loss", "heldout_examples", "ppl_windows", "ppl", "tasks"] and list(cut["row"]["tasks"]) == ["piqa"]
     capsys.readouterr()
     reproduce.main(args + ["--status"])
     status = capsys.readouterr().out
@@ -168,12 +169,13 @@ def test_cells_of_other_settings_are_never_mixed_into_one_results_file(tmp_path,
     assert (tmp_path / "results.json").read_text() == before  # nothing written
 
 
-def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_same_adapters(tmp_path, stories_dir):
+def test_a_training_lost_with_its_machine_is_trained_again_and_must_be_the_same_training(tmp_path, stories_dir):
     import shutil
     args = grid_args(tmp_path, "--methods", "lora", "--settings", "fp")
     reproduce.main(args)
     first = cells(tmp_path)["train/lora"]
-    assert len(first["adapters_sha256"]) == 64
+    assert len(first["adapters_sha256"]) == 64 and len(first["adapters_fingerprint"]) == reproduce.FINGERPRINT_SIZE
+    assert first["machine"].startswith("CPU ") and first["seed"] == 0
     shutil.rmtree(tmp_path / "out")  # a new machine: the results file came with the repository, the adapters did not
     reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp,w4a4_rtn"))
     again = cells(tmp_path)["train/lora"]
@@ -184,25 +186,35 @@ def test_a_training_lost_with_its_machine_is_trained_again_and_must_give_the_sam
     (tmp_path / "results.json").write_text(json.dumps(results))
     with pytest.raises(ValueError, match="its adapters are not the ones train/lora in .*recorded"):
         reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
-    shutil.rmtree(tmp_path / "out")
-    with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters than the ones the "
-                                         "finished cells of .*results.json were made with"):
-        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
-    assert [p.name.split("-")[0] for p in (tmp_path / "out").iterdir()] == ["lora.differs"]  # kept, never used
-    assert "eval/lora/w4a4_gptq" not in cells(tmp_path)
 
-    del results["cells"]["train/lora"]["adapters_sha256"]  # a file from before the digest: the loss curves decide
+    # made elsewhere: the losses and the adapters' fingerprint a float rounding away, and another digest
+    recorded = results["cells"]["train/lora"]
+    recorded["history"]["train_loss"][-1] *= 1 + 1e-7
+    recorded["adapters_fingerprint"][0] *= 1 + 1e-6
     (tmp_path / "results.json").write_text(json.dumps(results))
-    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))  # the same curve: accepted
-    assert cells(tmp_path)["train/lora"]["adapters_sha256"] == first["adapters_sha256"]
-    assert "eval/lora/w4a4_gptq" in cells(tmp_path)
-    for folder in ("lora", "eval"):  # the model and the row just made: only the kept ones stay
-        shutil.rmtree(tmp_path / "out" / folder)
-    results["cells"]["train/lora"]["history"]["train_loss"][-1] += 1e-9
-    (tmp_path / "results.json").write_text(json.dumps(results))
-    with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):
-        reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir()) == ["lora.differs"] * 2  # both kept
+    shutil.rmtree(tmp_path / "out")
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w4a4_gptq"))  # the same training
+    done = cells(tmp_path)
+    assert done["train/lora"]["adapters_sha256"] == first["adapters_sha256"] and "eval/lora/w4a4_gptq" in done
+    measured = done["train/lora"]["same_as_recorded"]
+    assert measured["adapters_sha256"] == "0" * 64 and 0 < measured["loss"] < 1e-6 and 0 < measured["fingerprint"] < 1e-5
+    accepted = (tmp_path / "results.json").read_text()
+
+    for change, what in ((lambda c: c["history"]["train_loss"].__setitem__(0, c["history"]["train_loss"][0] * 1.01),
+                          "loss curve 9.9e-03 apart"),
+                         (lambda c: c["adapters_fingerprint"].__setitem__(0, -c["adapters_fingerprint"][0]),
+                          "adapters .* apart")):
+        results = json.loads(accepted)  # each change alone: a refused run leaves the results file as it was
+        change(results["cells"]["train/lora"])  # another seed or learning rate would move them this far
+        results["cells"]["train/lora"]["adapters_sha256"] = "0" * 64  # ... and give another digest
+        (tmp_path / "results.json").write_text(json.dumps(results))
+        for folder in ("lora", "eval"):  # the last accepted model and its row, then the refused one's kept copy
+            shutil.rmtree(tmp_path / "out" / folder, ignore_errors=True)
+        with pytest.raises(ValueError, match=f"train/lora: trained again, it gave another training than the one the "
+                                             f"finished cells of .*results.json were made with \\(.*{what}"):
+            reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w6a6_gptq"))
+        assert "eval/lora/w6a6_gptq" not in cells(tmp_path)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir()) == ["lora.differs"] * 2
 
 
 def test_a_training_no_row_was_made_from_may_be_replaced_by_one_that_differs(tmp_path, stories_dir, capsys):
@@ -210,12 +222,13 @@ def test_a_training_no_row_was_made_from_may_be_replaced_by_one_that_differs(tmp
     reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
     results = json.loads((tmp_path / "results.json").read_text())
     recorded = results["cells"]["train/lora"]["adapters_sha256"]
-    results["cells"]["train/lora"]["adapters_sha256"] = "0" * 64  # recorded elsewhere, say at another thread count
+    results["cells"]["train/lora"]["adapters_sha256"] = "0" * 64  # recorded elsewhere, with other adapters
+    results["cells"]["train/lora"]["adapters_fingerprint"][0] += 1.0
     results["partial"] = {"eval/lora/w4a4_rtn": {"seconds": 1.0, "cpu_seconds": 1.0, "row": {"ppl": 3.0}}}
     del results["cells"]["eval/lora/fp"]  # ... and only a cut row made from it
     (tmp_path / "results.json").write_text(json.dumps(results))
     shutil.rmtree(tmp_path / "out")
-    with pytest.raises(ValueError, match="train/lora: trained again, it gave other adapters"):  # the cut row counts
+    with pytest.raises(ValueError, match="train/lora: trained again, it gave another training"):  # the cut row counts
         reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
 
     del results["partial"]  # no row at all: nothing was made from the recorded adapters
@@ -223,9 +236,42 @@ def test_a_training_no_row_was_made_from_may_be_replaced_by_one_that_differs(tmp
     shutil.rmtree(tmp_path / "out")
     capsys.readouterr()
     reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))
-    assert "no row was made from those, so this training replaces them" in capsys.readouterr().out
+    assert "no row was made from it, so this training replaces it" in capsys.readouterr().out
     done = cells(tmp_path)
     assert done["train/lora"]["adapters_sha256"] == recorded and "eval/lora/fp" in done
+
+
+def test_the_paired_experiment_runs_each_seed_with_per_item_records(tmp_path, stories_dir, capsys):
+    """--seeds: each seed's cells under seed<S>/, rows with the records a paired comparison needs,
+    and --table's paired answer; another seed's training is another training."""
+    reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "fp"))  # the grid's own cells, seed 0
+    reproduce.main(grid_args(tmp_path, "--seeds", "0,1", "--methods", "lbr,rolora", "--settings", "w4a4_rtn"))
+    done = cells(tmp_path)
+    assert {f"seed{s}/{c}" for s in (0, 1) for c in ("train/lora", "train/rolora", "eval/lbr/w4a4_rtn",
+                                                     "eval/rolora/w4a4_rtn")} <= set(done)
+    assert done["seed1/train/lora"]["seed"] == 1 and done["seed1/train/lora"]["history"] != done["seed0/train/lora"]["history"]
+    twin = done["seed0/train/lora"]["grid_training"]  # the same training as the grid's train/lora, made again
+    assert twin["same"] and twin["loss"] == 0.0
+    row = done["seed1/eval/rolora/w4a4_rtn"]["row"]
+    assert reproduce.has_records(row) and len(row["ppl_windows"]) == 1 and len(row["heldout_examples"]) == 8
+    assert [len(row["tasks"][t]["correct"]) for t in ("piqa", "arc_easy")] == [4, 4]
+    assert row["ppl"] == pytest.approx(math.exp(row["ppl_windows"][0][0] / row["ppl_windows"][0][1]))
+    tokens = sum(n for _, n in row["heldout_examples"])
+    assert row["heldout_loss"] == pytest.approx(sum(loss for loss, _ in row["heldout_examples"]) / tokens, rel=1e-6)
+    capsys.readouterr()
+    reproduce.main(grid_args(tmp_path, "--table"))
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| LAR (RoLoRA) minus LBR | w4a4_rtn |")]
+    assert [line.split(" | ")[2] for line in lines] == ["0", "1", "mean of 2"]
+    assert "Machine noise, train/lora made again as seed0/train/lora" in table
+
+    recorded = json.loads((tmp_path / "results.json").read_text())
+    recorded["cells"]["seed0/train/lora"] = recorded["cells"]["seed1/train/lora"]  # as if seed 0's were seed 1's
+    (tmp_path / "results.json").write_text(json.dumps(recorded))
+    import shutil
+    shutil.rmtree(tmp_path / "out" / "seed0" / "lora")
+    with pytest.raises(ValueError, match="seed0/train/lora: trained again, it gave another training"):
+        reproduce.main(grid_args(tmp_path, "--seeds", "0", "--methods", "lbr", "--settings", "w4a4_gptq"))
 
 
 def test_the_readings_answer_the_three_questions_from_the_rows():
