@@ -10,7 +10,8 @@ search, per-token activations, symmetric. Default, in one run:
   2. where a forward's time goes (1 thread): the block linears' matrix products, the activation
      quantization, the integer path's rescale and zero-point terms, the online Hadamard, lm_head (float
      in every model) and the rest (attention, norms, embedding);
-  3. the matrix product alone, torch._int_mm on int8 against F.linear on fp32, at SmolLM2's shapes.
+  3. the matrix product alone, torch._int_mm on int8 against F.linear on fp32, at SmolLM2's shapes, and
+     the same integer product on torch's x86 quantized engine: what the best int8 kernel here reaches.
 --ppl: WikiText-2 perplexity of the fake and the integer model, W4A4 and W8A8, and of the fake model with
 its embedding scaled by 1 + 2^-23 (one float32 ulp): how far any change of rounding moves it.
 --main-job: one of the main job's W4A4 evaluations (train.evaluate_row: held-out loss, perplexity and the
@@ -30,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,26 +166,53 @@ def run_worker(impl: str, threads: int, argv) -> dict:
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
 
 
+def x86_engine_product(qx_unsigned: torch.Tensor, qw: torch.Tensor):
+    """The same integer product on torch's x86 quantized engine (FBGEMM's uint8 x int8 kernels, which AVX2
+    has), or None where torch has no such engine. Scales of 1 make its float input the codes themselves and
+    its float output the exact int32 sums (below 2^24 at 4 bits)."""
+    if "x86" not in torch.backends.quantized.supported_engines:
+        return None
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates its quantized tensors; the kernel is what we time
+        ones, zeros = torch.ones(qw.shape[0], dtype=torch.double), torch.zeros(qw.shape[0], dtype=torch.long)
+        packed = torch.ops.quantized.linear_prepack(
+            torch._make_per_channel_quantized_tensor(qw, ones, zeros, 0), None)
+    codes = qx_unsigned.float()
+    return lambda: torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(codes, 1.0, 0, packed)
+
+
 @torch.no_grad()
 def kernel_table(args):
-    """torch._int_mm on int8 codes against F.linear on fp32, one thread, on a block's two shapes."""
+    """torch._int_mm on int8 codes, and the x86 quantized engine's kernel, against F.linear on fp32, one
+    thread, on a block's two shapes; each integer product is checked equal to the exact one."""
     torch.set_num_threads(1)
     tokens = args.batch * args.seq
     print(f"\nThe matrix product alone, {tokens} tokens, 1 thread (G multiply-adds x 2 per second):\n")
-    print("| shape (tokens x in) @ (in x out) | fp32 F.linear | int8 torch._int_mm | int / fp32 |")
-    print("|---|---:|---:|---:|")
+    print("| shape (tokens x in) @ (in x out) | fp32 F.linear | int8 torch._int_mm | int / fp32 "
+          "| uint8 x int8, x86 engine | x86 / fp32 |")
+    print("|---|---:|---:|---:|---:|---:|")
     for n_in, n_out in ((576, 1536), (1536, 576)):
         g = torch.Generator().manual_seed(0)
         x, w = torch.randn(tokens, n_in, generator=g), torch.randn(n_out, n_in, generator=g)
-        qx = torch.randint(-8, 8, (tokens, n_in), generator=g, dtype=torch.int8)  # 4-bit codes
+        qx = torch.randint(0, 16, (tokens, n_in), generator=g, dtype=torch.uint8)  # 4-bit codes, asymmetric
         qw = torch.randint(-8, 8, (n_out, n_in), generator=g, dtype=torch.int8)
-        rates = []
-        for product in (lambda: F.linear(x, w), lambda: torch._int_mm(qx, qw.T)):
+        qx_signed, exact = qx.to(torch.int8), qx.long() @ qw.long().T
+        products = {"fp32": lambda: F.linear(x, w), "int_mm": lambda: torch._int_mm(qx_signed, qw.T),
+                    "x86": x86_engine_product(qx, qw)}
+        rates = {}
+        for name, product in products.items():
+            if product is None:
+                continue
+            if name != "fp32":
+                assert torch.equal(product().long(), exact), name
             product()
             start = time.perf_counter()
             product()
-            rates.append(2 * tokens * n_in * n_out / (time.perf_counter() - start) / 1e9)
-        print(f"| {tokens} x {n_in} @ {n_in} x {n_out} | {rates[0]:.1f} | {rates[1]:.2f} | {rates[1] / rates[0]:.3f} |")
+            rates[name] = 2 * tokens * n_in * n_out / (time.perf_counter() - start) / 1e9
+        x86 = (f"{rates['x86']:.1f} | {rates['x86'] / rates['fp32']:.2f}" if "x86" in rates else "n/a | n/a")
+        print(f"| {tokens} x {n_in} @ {n_in} x {n_out} | {rates['fp32']:.1f} | {rates['int_mm']:.2f} | "
+              f"{rates['int_mm'] / rates['fp32']:.3f} | {x86} |")
 
 
 def speed(args, argv):
