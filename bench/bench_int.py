@@ -16,7 +16,8 @@ search, per-token activations, symmetric. Default, in one run:
 its embedding scaled by 1 + 2^-23 (one float32 ulp): how far any change of rounding moves it.
 --main-job: one of the main job's W4A4 evaluations (train.evaluate_row: held-out loss, perplexity and the
 seven tasks, on the rotated base model), fake and integer, in wall and CPU seconds (at 1 thread the CPU
-seconds are what a job sharing the cores does not inflate); the main job runs two such rows.
+seconds are what a job sharing the cores does not inflate), with the fake row's embedding nudged by one
+ulp beside them; the main job runs two such rows.
 
     python bench/bench_int.py                       # 1. to 3., about 40 minutes on 2 quiet cores
     python bench/bench_int.py --ppl --threads 2
@@ -271,21 +272,32 @@ def main_job(args):
     model = train.load_model_and_data(r)
     train.rotate_stage(r, model)
     rows = {}
-    for name in ("fake W4A4", "int W4A4"):
+    for name in ("fake W4A4", "fake W4A4, embedding x (1 + 2^-23)", "int W4A4"):
         quantized = train.quantized_copy(r, model)
+        if "embedding" in name:  # one float32 ulp on every embedding value: how far any rounding moves the row
+            with torch.no_grad():
+                quantized.embed_tokens.weight.mul_(1 + 2 ** -23)
         start, cpu_start = time.perf_counter(), time.process_time()
         row = train.evaluate_row(r, use_integer_kernels(quantized) if name.startswith("int") else quantized)
         rows[name] = dict(row, seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start)
-        print(name, json.dumps({k: v for k, v in rows[name].items() if k != "tasks"}), flush=True)
+        print(name, json.dumps({k: rows[name][k] for k in ("seconds", "cpu_seconds", "heldout_loss", "ppl", "average")}),
+              flush=True)
     print(f"\nOne of the main job's two W4A4 evaluations ({cfg.eval_limit} items x {len(cfg.task_list())} tasks, "
           f"{cfg.ppl_windows} x {cfg.ppl_seq_len} WikiText-2 tokens, {cfg.val_examples} held-out examples), "
           f"{torch.get_num_threads()} threads\n")
-    print("| model | seconds | CPU seconds | vs fake (CPU) | held-out loss | wiki2 ppl | average |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    fake_cpu = rows["fake W4A4"]["cpu_seconds"]
+    print("| model | seconds | CPU seconds | vs fake (CPU) | held-out loss | wiki2 ppl | average | items chosen "
+          "otherwise than fake |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    fake = rows["fake W4A4"]
     for name, row in rows.items():
-        print(f"| {name} | {row['seconds']:.0f} | {row['cpu_seconds']:.0f} | {row['cpu_seconds'] / fake_cpu:.2f}x | "
-              f"{row['heldout_loss']:.4f} | {row['ppl']:.2f} | {100 * row['average']:.1f} |")
+        print(f"| {name} | {row['seconds']:.0f} | {row['cpu_seconds']:.0f} | {row['cpu_seconds'] / fake['cpu_seconds']:.2f}x | "
+              f"{row['heldout_loss']:.4f} | {row['ppl']:.2f} | {100 * row['average']:.1f} | "
+              f"{choices_differing(row, fake)} of {sum(len(t['chosen']) for t in fake['tasks'].values())} |")
+
+
+def choices_differing(row: dict, base: dict) -> int:
+    """Items of the tasks whose chosen answer differs between two rows."""
+    return sum(a != b for task in base["tasks"] for a, b in zip(row["tasks"][task]["chosen"], base["tasks"][task]["chosen"]))
 
 
 def main(argv=None):
