@@ -53,6 +53,7 @@ import rotate  # noqa: E402
 import train  # noqa: E402
 from data.options import BadValue, check_options, one_line_errors, option, parse_config, replace_options  # noqa: E402
 from model import write_atomically  # noqa: E402
+from paired import has_records, paired_row_difference  # noqa: E402
 
 METHODS = {  # name -> (the training cell it evaluates, rotated after merging)
     "lora": ("lora", False), "lbr": ("lora", True), "rolora": ("rolora", False), "rolora_qat": ("rolora_qat", False)}
@@ -522,61 +523,7 @@ def readings(table: dict) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# Paired differences: two rows scored on the same items, windows and held-out examples
-#
-# Two rows of the grid score the very same items, so their errors correlate: the standard error
-# of a difference is that of the per-item differences, sd(a_i - b_i) / sqrt(n) (a paired t
-# statistic, the normal approximation of it at these n), much smaller than the unpaired
-# sqrt(se_a^2 + se_b^2) when the two models get mostly the same items right. For accuracy a_i is
-# 0 or 1 (item i right or not); for perplexity the NLL per predicted token of window i (a difference
-# of log perplexities); for the held-out loss the examples carry different numbers of tokens, so
-# the difference of the token-weighted means sum(d_i) / sum(n_i), d_i the difference of example
-# i's summed losses, gets the ratio estimator's error sqrt(n / (n - 1) sum (d_i - D n_i)^2) / sum(n_i).
-# The seven-task average's error is sqrt(sum of the tasks' squared errors) / 7 (the tasks are
-# independent item sets), as eval.evaluate_tasks does for one row.
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a_i - b_i over paired observations and its standard error sd(d) / sqrt(n)."""
-    if len(a) != len(b) or not a:
-        raise ValueError(f"paired: {len(a)} against {len(b)} observations; need the same n >= 1")
-    d = [x - y for x, y in zip(a, b)]
-    mean = sum(d) / len(d)
-    if len(d) == 1:  # one window, say: no spread to measure
-        return mean, math.nan
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
-
-
-def paired_ratio(a: list[list[float]], b: list[list[float]]) -> tuple[float, float]:
-    """sum(a_i) / sum(n_i) - sum(b_i) / sum(n_i) over [summed loss, tokens] pairs of the same
-    examples (the same n_i), with the ratio estimator's standard error."""
-    if [n for _, n in a] != [n for _, n in b] or len(a) < 2:
-        raise ValueError("paired_ratio: the rows were not scored on the same examples")
-    d = [x - y for (x, _), (y, _) in zip(a, b)]
-    tokens = [n for _, n in a]
-    total = sum(tokens)
-    mean = sum(d) / total
-    spread = sum((di - mean * n) ** 2 for di, n in zip(d, tokens)) * len(d) / (len(d) - 1)
-    return mean, math.sqrt(spread) / total
-
-
-def has_records(row: dict) -> bool:
-    return "ppl_windows" in row and "heldout_examples" in row and all("correct" in m for m in row["tasks"].values())
-
-
-def paired_row_difference(a: dict, b: dict) -> dict:
-    """Row a minus row b, each measure with its paired standard error: the seven-task average
-    (points), each task (points), log perplexity (and the perplexity ratio), held-out loss."""
-    tasks = [t for t in a["average_tasks"]]
-    per_task = {t: paired([int(c) for c in a["tasks"][t]["correct"]], [int(c) for c in b["tasks"][t]["correct"]])
-                for t in tasks}
-    average = sum(m for m, _ in per_task.values()) / len(tasks)
-    average_se = math.sqrt(sum(se * se for _, se in per_task.values())) / len(tasks)
-    log_ppl = paired([nll / n for nll, n in a["ppl_windows"]], [nll / n for nll, n in b["ppl_windows"]])
-    return {"average": (100 * average, 100 * average_se), "tasks": {t: (100 * m, 100 * se) for t, (m, se) in per_task.items()},
-            "log_ppl": log_ppl, "ppl_ratio": math.exp(log_ppl[0]),
-            "heldout_loss": paired_ratio(a["heldout_examples"], b["heldout_examples"])}
-
+# The paired experiment (issue 26): its table and the machine noise of one row; the statistics are paired.py's
 
 PAIRS = (("rolora", "lbr", "LAR (RoLoRA) minus LBR"), ("rolora_qat", "rolora", "RoLoRA + QAT minus RoLoRA"))
 

@@ -55,14 +55,15 @@ def project_modules() -> dict[str, object]:
 
 
 MODULES = project_modules()
-TOP_LEVEL = {name.split(".")[0] for name in MODULES} - {"bench"} | {"bench_model", "bench_train"}
+BENCH_SCRIPTS = {name.removeprefix("bench.") for name in MODULES if name.startswith("bench.")}
+TOP_LEVEL = {name.split(".")[0] for name in MODULES} - {"bench"} | BENCH_SCRIPTS
 
 
 def resolve(name: str) -> str | None:
     """The project module an imported name refers to (a module, or the package of a name in it)."""
     if name.split(".")[0] not in TOP_LEVEL:
         return None
-    if name in ("bench_model", "bench_train"):  # bench scripts importing each other
+    if name in BENCH_SCRIPTS:  # bench scripts importing each other
         return f"bench.{name}"
     while name and name not in MODULES:
         name = name.rpartition(".")[0]

@@ -1,5 +1,5 @@
-"""bench/reproduce.py's paired statistics and its judgement of "the same training", on constructed
-rows and cells whose answers are known (fast; the real grid is tests/test_reproduce.py's)."""
+"""bench/paired.py's statistics and bench/reproduce.py's judgement of "the same training", on
+constructed rows and cells whose answers are known (fast; the real grid is tests/test_reproduce.py's)."""
 import math
 import sys
 
@@ -10,27 +10,28 @@ from helpers import ROOT, tiny_model
 
 sys.path.insert(0, str(ROOT / "bench"))
 import lora  # noqa: E402
+import paired  # noqa: E402
 import reproduce  # noqa: E402
 
 
 def test_paired_difference_and_its_standard_error():
     a, b = [1, 0, 1, 1], [0, 0, 1, 0]  # d = 1, 0, 0, 1: mean 1/2, sample variance 1/3
-    mean, se = reproduce.paired(a, b)
+    mean, se = paired.paired(a, b)
     assert mean == 0.5 and se == pytest.approx(math.sqrt(1 / 3 / 4))
-    assert reproduce.paired(a, a) == (0.0, 0.0)
+    assert paired.paired(a, a) == (0.0, 0.0)
     with pytest.raises(ValueError, match="the same n"):
-        reproduce.paired(a, b[:3])
-    assert reproduce.paired([2.0], [1.0])[0] == 1.0 and math.isnan(reproduce.paired([2.0], [1.0])[1])
+        paired.paired(a, b[:3])
+    assert paired.paired([2.0], [1.0])[0] == 1.0 and math.isnan(paired.paired([2.0], [1.0])[1])
 
 
 def test_the_held_out_difference_is_token_weighted():
     a = [[2.0, 1], [9.0, 3]]  # examples of 1 and 3 tokens: mean loss 11 / 4
     b = [[1.0, 1], [6.0, 3]]  # 7 / 4
-    mean, se = reproduce.paired_ratio(a, b)
+    mean, se = paired.paired_ratio(a, b)
     assert mean == pytest.approx((11 - 7) / 4)
     assert se == pytest.approx(0.0)  # d = 1, 3 over 1, 3 tokens: every token moved by 1, no spread
     with pytest.raises(ValueError, match="same examples"):
-        reproduce.paired_ratio(a, [[1.0, 2], [6.0, 2]])
+        paired.paired_ratio(a, [[1.0, 2], [6.0, 2]])
 
 
 def row(correct: dict[str, str], window_nlls: list[float], example_losses: list[float]) -> dict:
@@ -46,7 +47,7 @@ def test_a_paired_row_difference_is_sharper_than_the_unpaired_one():
     a_items = "1" * 50 + "0" * 50
     a = row({"x": a_items, "y": a_items}, [20.0, 30.0, 40.0], [5.0, 6.0, 7.0])
     b = row({"x": b_items, "y": b_items}, [21.0, 31.0, 41.5], [5.5, 6.5, 7.5])
-    d = reproduce.paired_row_difference(a, b)
+    d = paired.paired_row_difference(a, b)
     assert d["tasks"]["x"][0] == pytest.approx(10.0) and d["average"][0] == pytest.approx(10.0)
     paired_se = 100 * math.sqrt(0.1 * 0.9 / 99 / 1)
     assert d["tasks"]["x"][1] == pytest.approx(paired_se, rel=1e-6)
@@ -56,7 +57,7 @@ def test_a_paired_row_difference_is_sharper_than_the_unpaired_one():
     # windows of 10 tokens: per-token NLL differences -0.1, -0.1, -0.15
     assert d["log_ppl"][0] == pytest.approx(-0.35 / 3) and d["ppl_ratio"] == pytest.approx(math.exp(-0.35 / 3))
     assert d["heldout_loss"] == (pytest.approx(-0.1), pytest.approx(0.0))  # every example 0.5 lower over 5 tokens
-    assert reproduce.has_records(a) and not reproduce.has_records({"tasks": {}, "ppl": 3.0})
+    assert paired.has_records(a) and not paired.has_records({"tasks": {}, "ppl": 3.0})
 
 
 def test_the_paired_table_answers_per_seed_and_over_the_seeds():
