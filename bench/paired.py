@@ -15,6 +15,12 @@ the difference of the token-weighted means sum(d_i) / sum(n_i), d_i the differen
 i's summed losses, gets the ratio estimator's error sqrt(n / (n - 1) sum (d_i - D n_i)^2) / sum(n_i).
 The seven-task average's error is sqrt(sum of the tasks' squared errors) / 7 (the tasks are
 independent item sets), as eval.evaluate_tasks does for one row.
+
+Over seeds, every seed scores the same items, so their errors correlate too: the mean over seeds
+of a difference is the paired difference of the seed-averaged records (item i's correctness
+averaged over the seeds, window i's NLL, example i's loss), and its error is that of those
+averaged per-item differences (mean_row). It measures the item sampling only; whether the seeds
+agree is read from the per-seed differences themselves.
 """
 import math
 
@@ -51,7 +57,7 @@ def paired_row_difference(a: dict, b: dict) -> dict:
     """Row a minus row b, each measure with its paired standard error: the seven-task average
     (points), each task (points), log perplexity (and the perplexity ratio), held-out loss."""
     tasks = [t for t in a["average_tasks"]]
-    per_task = {t: paired([int(c) for c in a["tasks"][t]["correct"]], [int(c) for c in b["tasks"][t]["correct"]])
+    per_task = {t: paired([float(c) for c in a["tasks"][t]["correct"]], [float(c) for c in b["tasks"][t]["correct"]])
                 for t in tasks}
     average = sum(m for m, _ in per_task.values()) / len(tasks)
     average_se = math.sqrt(sum(se * se for _, se in per_task.values())) / len(tasks)
@@ -59,3 +65,21 @@ def paired_row_difference(a: dict, b: dict) -> dict:
     return {"average": (100 * average, 100 * average_se), "tasks": {t: (100 * m, 100 * se) for t, (m, se) in per_task.items()},
             "log_ppl": log_ppl, "ppl_ratio": math.exp(log_ppl[0]),
             "heldout_loss": paired_ratio(a["heldout_examples"], b["heldout_examples"])}
+
+
+def mean_row(rows: list[dict]) -> dict:
+    """The per-item records of rows scored on the same items, averaged over the rows: each item's
+    correctness becomes the fraction of rows that got it right."""
+    def mean(values):
+        return [sum(v) / len(rows) for v in zip(*values)]
+    first = rows[0]
+    if any([n for _, n in r["ppl_windows"] + r["heldout_examples"]] !=
+           [n for _, n in first["ppl_windows"] + first["heldout_examples"]] for r in rows):
+        raise ValueError("mean_row: the rows were not scored on the same windows and examples")
+    return {"average_tasks": first["average_tasks"],
+            "tasks": {t: {"correct": mean([[float(c) for c in r["tasks"][t]["correct"]] for r in rows])}
+                      for t in first["average_tasks"]},
+            "ppl_windows": [[nll, n] for nll, (_, n) in zip(mean([[w[0] for w in r["ppl_windows"]] for r in rows]),
+                                                             first["ppl_windows"])],
+            "heldout_examples": [[loss, n] for loss, (_, n) in zip(
+                mean([[e[0] for e in r["heldout_examples"]] for r in rows]), first["heldout_examples"])]}

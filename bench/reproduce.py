@@ -53,7 +53,7 @@ import rotate  # noqa: E402
 import train  # noqa: E402
 from data.options import BadValue, check_options, one_line_errors, option, parse_config, replace_options  # noqa: E402
 from model import write_atomically  # noqa: E402
-from paired import has_records, paired_row_difference  # noqa: E402
+from paired import has_records, mean_row, paired_row_difference  # noqa: E402
 
 METHODS = {  # name -> (the training cell it evaluates, rotated after merging)
     "lora": ("lora", False), "lbr": ("lora", True), "rolora": ("rolora", False), "rolora_qat": ("rolora_qat", False)}
@@ -543,7 +543,7 @@ def paired_table(results: dict) -> list[str]:
     """The paired experiment's answer: each pair of methods (PAIRS) at each setting, per seed and
     over the seeds, with paired standard errors; and the machine noise of one row."""
     found = {k: row for k, row in seeded_rows(results).items() if has_records(row)}
-    lines = []
+    lines, per_task = [], []
     for better, worse, title in PAIRS:
         for setting in SETTINGS:
             seeds = sorted(seed for seed, m, s in found if m == better and s == setting
@@ -557,26 +557,36 @@ def paired_table(results: dict) -> list[str]:
                          "|---|---|---|---:|---:|---:|"]
             diffs = [paired_row_difference(found[(seed, better, setting)], found[(seed, worse, setting)])
                      for seed in seeds]
+            tasks = list(diffs[0]["tasks"])
+            if not per_task:
+                per_task = ["", "Per task (points, paired):", "",
+                            "| difference | setting | seed | " + " | ".join(tasks) + " |",
+                            "|---|---|---|" + "---:|" * len(tasks)]
             for seed, d in zip(seeds, diffs):
                 lines.append(f"| {title} | {setting} | {seed} | {d['average'][0]:+.2f} ± {d['average'][1]:.2f} | "
                              f"{d['log_ppl'][0]:+.4f} ± {d['log_ppl'][1]:.4f} ({d['ppl_ratio']:.3f}) | "
                              f"{d['heldout_loss'][0]:+.4f} ± {d['heldout_loss'][1]:.4f} |")
+                per_task.append(f"| {title} | {setting} | {seed} | " + " | ".join(
+                    f"{m:+.1f} ± {se:.1f}" for m, se in d["tasks"].values()) + " |")
             if len(seeds) > 1:
-                lines.append(over_seeds_row(title, setting, diffs))
-    return lines + machine_noise(results)
+                mean = paired_row_difference(mean_row([found[(seed, better, setting)] for seed in seeds]),
+                                             mean_row([found[(seed, worse, setting)] for seed in seeds]))
+                lines.append(over_seeds_row(title, setting, mean, diffs))
+                per_task.append(f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(
+                    f"{m:+.1f} ± {se:.1f}" for m, se in mean["tasks"].values()) + " |")
+    return lines + per_task + machine_noise(results)
 
 
-def over_seeds_row(title: str, setting: str, diffs: list[dict]) -> str:
-    """The mean over seeds of each difference, ± its error from the items (sqrt(sum se^2) / S),
-    and the signs: a method effect has the same sign on every seed."""
+def over_seeds_row(title: str, setting: str, mean: dict, diffs: list[dict]) -> str:
+    """The mean over seeds of each difference, ± its error from the items (paired.mean_row), and
+    the signs: a method effect has the same sign on every seed."""
     cells = []
-    for key, scale, digits in (("average", 1, 2), ("log_ppl", 1, 4), ("heldout_loss", 1, 4)):
+    for key, digits in (("average", 2), ("log_ppl", 4), ("heldout_loss", 4)):
         means = [d[key][0] for d in diffs]
-        mean = sum(means) / len(means)
-        error = math.sqrt(sum(d[key][1] ** 2 for d in diffs)) / len(diffs)
+        mean_difference, error = mean[key]
         signs = "same sign on every seed" if all(m > 0 for m in means) or all(m < 0 for m in means) else \
             f"signs differ: {', '.join(f'{m:+.{digits}f}' for m in means)}"
-        cells.append(f"{mean:+.{digits}f} ± {error:.{digits}f} ({signs})")
+        cells.append(f"{mean_difference:+.{digits}f} ± {error:.{digits}f} ({signs})")
     return f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(cells) + " |"
 
 

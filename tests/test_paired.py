@@ -60,6 +60,19 @@ def test_a_paired_row_difference_is_sharper_than_the_unpaired_one():
     assert paired.has_records(a) and not paired.has_records({"tasks": {}, "ppl": 3.0})
 
 
+def test_the_mean_over_seeds_is_the_mean_of_each_seeds_difference():
+    a = [row({"x": "1100"}, [20.0, 30.0], [5.0, 6.0]), row({"x": "1110"}, [22.0, 31.0], [4.0, 7.0])]
+    b = [row({"x": "1000"}, [21.0, 30.5], [5.5, 6.0]), row({"x": "0110"}, [22.0, 33.0], [4.0, 6.0])]
+    per_seed = [paired.paired_row_difference(x, y) for x, y in zip(a, b)]
+    mean = paired.paired_row_difference(paired.mean_row(a), paired.mean_row(b))
+    for key in ("average", "log_ppl", "heldout_loss"):
+        assert mean[key][0] == pytest.approx(sum(d[key][0] for d in per_seed) / 2)
+    shorter = row({"x": "1100"}, [20.0, 30.0], [5.0, 6.0])
+    shorter["heldout_examples"][1][1] = 4
+    with pytest.raises(ValueError, match="same windows and examples"):
+        paired.mean_row([a[0], shorter])
+
+
 def test_the_paired_table_answers_per_seed_and_over_the_seeds():
     same = "1" * 30 + "0" * 70
     better = "1" * 35 + "0" * 65
@@ -70,10 +83,18 @@ def test_the_paired_table_answers_per_seed_and_over_the_seeds():
             r.update(ppl=math.exp(nll / 10), average=items.count("1") / 100, heldout_loss=1.0)
             cells[f"seed{seed}/eval/{method}/w4a4_rtn"] = {"row": r}
     lines = reproduce.paired_table({"cells": cells, "grid": {"seed": 0}})
-    rows = [line for line in lines if line.startswith("| LAR (RoLoRA) minus LBR | w4a4_rtn |")]
+    overall, per_task = lines[:lines.index("Per task (points, paired):")], lines[lines.index("Per task (points, paired):"):]
+    rows = [line for line in overall if line.startswith("| LAR (RoLoRA) minus LBR | w4a4_rtn |")]
     assert [r.split(" | ")[2] for r in rows] == ["0", "1", "2", "mean of 3"]
     assert "| +5.00 ± " in rows[0] and "| +0.00 ± 0.00 |" in rows[2]
     assert "signs differ" in rows[3].split(" | ")[3] and "same sign on every seed" in rows[3].split(" | ")[4]
+    assert per_task[2] == "| difference | setting | seed | arc_easy |"
+    assert per_task[4:8] == ["| LAR (RoLoRA) minus LBR | w4a4_rtn | 0 | +5.0 ± 2.2 |",
+                             "| LAR (RoLoRA) minus LBR | w4a4_rtn | 1 | +5.0 ± 2.2 |",
+                             "| LAR (RoLoRA) minus LBR | w4a4_rtn | 2 | +0.0 ± 0.0 |",
+                             "| LAR (RoLoRA) minus LBR | w4a4_rtn | mean of 3 | +3.3 ± 1.5 |"]
+    # the same 5 items moved on two seeds: per-item mean differences 2/3 (5 items) and 0 (95),
+    # sd 0.146; seeds taken as independent, sqrt(2 * 0.022^2) / 3 = 0.010 would understate it
 
 
 def history(scale: float = 1.0, steps: int = 4) -> dict:
