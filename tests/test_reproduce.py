@@ -261,8 +261,10 @@ def test_the_paired_experiment_runs_each_seed_with_per_item_records(tmp_path, st
     capsys.readouterr()
     reproduce.main(grid_args(tmp_path, "--table"))
     table = capsys.readouterr().out
-    lines = [line for line in table.splitlines() if line.startswith("| LAR (RoLoRA) minus LBR | w4a4_rtn |")]
-    assert [line.split(" | ")[2] for line in lines] == ["0", "1", "mean of 2"]
+    overall, per_task = table.split("Per task (points, paired):")
+    for part in overall, per_task:  # the average, perplexity and held-out loss; then each task
+        lines = [line for line in part.splitlines() if line.startswith("| LAR (RoLoRA) minus LBR | w4a4_rtn |")]
+        assert [line.split(" | ")[2] for line in lines] == ["0", "1", "mean of 2"]
     assert "Machine noise, train/lora made again as seed0/train/lora" in table
 
     recorded = json.loads((tmp_path / "results.json").read_text())
