@@ -557,8 +557,8 @@ def paired_table(results: dict) -> list[str]:
                          "|---|---|---|---:|---:|---:|"]
             diffs = [paired_row_difference(found[(seed, better, setting)], found[(seed, worse, setting)])
                      for seed in seeds]
-            tasks = list(diffs[0]["tasks"])
             if not per_task:
+                tasks = list(diffs[0]["tasks"])
                 per_task = ["", "Per task (points, paired):", "",
                             "| difference | setting | seed | " + " | ".join(tasks) + " |",
                             "|---|---|---|" + "---:|" * len(tasks)]
@@ -566,15 +566,17 @@ def paired_table(results: dict) -> list[str]:
                 lines.append(f"| {title} | {setting} | {seed} | {d['average'][0]:+.2f} ± {d['average'][1]:.2f} | "
                              f"{d['log_ppl'][0]:+.4f} ± {d['log_ppl'][1]:.4f} ({d['ppl_ratio']:.3f}) | "
                              f"{d['heldout_loss'][0]:+.4f} ± {d['heldout_loss'][1]:.4f} |")
-                per_task.append(f"| {title} | {setting} | {seed} | " + " | ".join(
-                    f"{m:+.1f} ± {se:.1f}" for m, se in d["tasks"].values()) + " |")
+                per_task.append(f"| {title} | {setting} | {seed} | {task_cells(d)} |")
             if len(seeds) > 1:
                 mean = paired_row_difference(mean_row([found[(seed, better, setting)] for seed in seeds]),
                                              mean_row([found[(seed, worse, setting)] for seed in seeds]))
                 lines.append(over_seeds_row(title, setting, mean, diffs))
-                per_task.append(f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(
-                    f"{m:+.1f} ± {se:.1f}" for m, se in mean["tasks"].values()) + " |")
+                per_task.append(f"| {title} | {setting} | mean of {len(diffs)} | {task_cells(mean)} |")
     return lines + per_task + machine_noise(results)
+
+
+def task_cells(difference: dict) -> str:
+    return " | ".join(f"{m:+.1f} ± {se:.1f}" for m, se in difference["tasks"].values())
 
 
 def over_seeds_row(title: str, setting: str, mean: dict, diffs: list[dict]) -> str:
