@@ -44,9 +44,20 @@ def launch(script, out, *flags, processes=1, check=True):
 
 
 @pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
-def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch(tmp_path, stories_dir, sharding):
-    """DDP: each process holds the whole base; --fsdp: each holds half of every block (FSDP2)."""
+def test_two_processes_train_the_adapters_of_one_with_the_same_global_batch_and_resume_bit_for_bit(
+        tmp_path, stories_dir, sharding):
+    """DDP: each process holds the whole base; --fsdp: each holds half of every block (FSDP2).
+    The uninterrupted 2-process run is then the reference of an interrupted, resumed one."""
     assert_two_processes_train_as_one(tmp_path, sharding)
+    crashing = tmp_path / "crash_at_step_4.py"
+    crashing.write_text(CRASH_AT_STEP_4.format(root=str(ROOT)))
+    failed = launch(crashing, tmp_path / "cut", *sharding, processes=2, check=False)
+    assert failed.returncode != 0 and "simulated interruption" in failed.stderr
+    assert (tmp_path / "cut" / "latest").read_text().strip() == "ckpt-000003"
+    launch(ROOT / "train.py", tmp_path / "cut", "--resume", *sharding, processes=2)
+    straight, resumed = final_adapters(tmp_path / "two"), final_adapters(tmp_path / "cut")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
 
 
 def assert_two_processes_train_as_one(tmp_path, sharding: tuple, device_flags: tuple = ()):
@@ -71,17 +82,3 @@ def assert_two_processes_train_as_one(tmp_path, sharding: tuple, device_flags: t
     for key in m_one:
         assert (m_one[key] - m_two[key]).abs().max() <= 1e-4 * m_one[key].abs().max(), key  # float order only
     assert (tmp_path / "two" / "log.txt").read_text().count("trainable parameters") == 1  # rank 0 logs
-
-
-@pytest.mark.parametrize("sharding", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
-def test_an_interrupted_two_process_run_resumes_to_the_uninterrupted_result(tmp_path, stories_dir, sharding):
-    crashing = tmp_path / "crash_at_step_4.py"
-    crashing.write_text(CRASH_AT_STEP_4.format(root=str(ROOT)))
-    launch(ROOT / "train.py", tmp_path / "straight", *sharding, processes=2)
-    failed = launch(crashing, tmp_path / "cut", *sharding, processes=2, check=False)
-    assert failed.returncode != 0 and "simulated interruption" in failed.stderr
-    assert (tmp_path / "cut" / "latest").read_text().strip() == "ckpt-000003"
-    launch(ROOT / "train.py", tmp_path / "cut", "--resume", *sharding, processes=2)
-    straight, resumed = final_adapters(tmp_path / "straight"), final_adapters(tmp_path / "cut")
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
