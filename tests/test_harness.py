@@ -47,6 +47,13 @@ def stories(stories_dir):
     return model.eval(), tokenizer
 
 
+def local_tasks(folder):
+    """The harness's task index of `folder` alone: indexing its own thousands of task yamls as well
+    costs tens of seconds and none of them is used here (the command line test pays it once)."""
+    from lm_eval.tasks import TaskManager
+    return TaskManager(include_path=str(folder), include_defaults=False)
+
+
 def request(kind, *args):
     from lm_eval.api.instance import Instance
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
@@ -90,13 +97,12 @@ def test_harness_scores_arc_easy_as_eval_py(stories, stories_dir, arc_task):
     """simple_evaluate(model="rolora", model_args="pretrained=DIR") on local ARC-Easy items: the
     requests the harness builds, the log-likelihood of every choice, acc and acc_norm are eval.py's."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
     from extras.harness import HarnessModel  # the lazy name, and the class the registry hands out
     assert lm_eval.api.registry.get_model("rolora") is HarnessModel is harness.harness_model_class()
     folder, records = arc_task
     device = "cpu" if torch.cuda.is_available() else "cuda:0"  # the command line's default: falls back to cpu
     out = lm_eval.simple_evaluate(model="rolora", model_args=f"pretrained={stories_dir}", tasks=["arc_easy_local"],
-                                  device=device, task_manager=TaskManager(include_path=str(folder)), log_samples=True)
+                                  device=device, task_manager=local_tasks(folder), log_samples=True)
     samples = sorted(out["samples"]["arc_easy_local"], key=lambda s: s["doc_id"])
     assert [[tuple(a) for a in s["arguments"]] for s in samples] == [ev.build_requests(r) for r in records]
     got = [[ll for ll, _ in s["filtered_resps"]] for s in samples]
@@ -186,7 +192,6 @@ def test_rolling_loglikelihood_is_eval_py_perplexity_nll(stories, tmp_path):
     (BOS), which is eval.py's perplexity on a window of exactly the text's BOS + tokens. So the
     harness's word_perplexity is exp(sum of those NLLs / words)."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
     model, tokenizer = stories
     texts = [STORY, "The cat sat on the mat. It was a sunny day and the cat was happy."]
     nlls = []
@@ -201,7 +206,7 @@ def test_rolling_loglikelihood_is_eval_py_perplexity_nll(stories, tmp_path):
 
     write_task(tmp_path, "rolling_local", [{"text": t} for t in texts], ROLLING_YAML)
     out = lm_eval.simple_evaluate(model=lm, tasks=["rolling_local"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+                                  task_manager=local_tasks(tmp_path))
     words = sum(len(re.split(r"\s+", t)) for t in texts)
     assert out["results"]["rolling_local"]["word_perplexity,none"] == pytest.approx(math.exp(sum(nlls) / words),
                                                                                      rel=1e-6)
