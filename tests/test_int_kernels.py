@@ -30,7 +30,7 @@ import quant
 import rotate
 import train
 from data.options import BadValue
-from data.tokenizer import copy_tokenizer_files
+from data.tokenizer import Tokenizer, copy_tokenizer_files
 from extras import sample as sampling
 from extras.int_kernels import MAX_GROUP_WIDTH, IntegerLinear, int8_matmul, use_integer_kernels
 from extras.quantized_checkpoint import save_quantized
@@ -275,7 +275,7 @@ def test_eval_py_says_it_in_one_line_for_a_saved_model(stories_dir, tmp_path):
 def smollm_inputs(smollm_model, smollm_dir):
     """{rotated: (model, {linear path: its input on 32 WikiText-2 tokens})} for three linears."""
     from data.wikitext2.prepare import load_test_text
-    ids = torch.tensor(ev.encode_stream(ev.load_model(smollm_dir)[1], load_test_text()[:2000])[:32])[None]
+    ids = torch.tensor(ev.encode_stream(Tokenizer(smollm_dir), load_test_text()[:2000])[:32])[None]
     paths = ("layers.0.self_attn.q_proj", "layers.14.mlp.down_proj", "layers.29.mlp.up_proj")
     found = {}
     for rotated in (False, True):
