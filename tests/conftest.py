@@ -10,7 +10,12 @@ import torch
 
 from helpers import ROOT
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads at most; under pytest-xdist (-n N) the N workers share them, and so do the
+# processes a test starts (they read OMP_NUM_THREADS).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // WORKERS))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 DEFAULT_MIRROR = ROOT.parent / "shared" / "assets"
 if "ROLORA_MIRROR" not in os.environ and DEFAULT_MIRROR.is_dir():

@@ -73,6 +73,18 @@ def test_the_readme_quotes_the_main_commands():
     assert recipe  # the GPU recipe, whose `--ppl-windows 0` (every window) the validation once refused
 
 
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run installs what the README's test command installs and runs its pytest, with only
+    reporting flags added: a newcomer's run and CI's are the same suite on the same workers."""
+    [readme] = re.findall(r"^pip install (.*) && ROLORA_MIRROR=\S+ python -m pytest (.*)$",
+                          (ROOT / "README.md").read_text(), re.M)
+    ci = (ROOT / ".ci" / "run").read_text()
+    installs, pytest_args = readme
+    for requirement in re.findall(r"-r (\S+)", installs) + re.findall(r"torch==\S+", installs):
+        assert requirement in ci, requirement
+    assert f"python -m pytest {pytest_args} " in ci
+
+
 def test_the_front_page_is_a_front_page():
     """README.md is what a newcomer reads first: the quick start, what it prints, where to read; the
     results live in bench/README.md."""
