@@ -2,8 +2,8 @@
 
 bench/reproduce.py's `--table` compares two methods of the grid with them (LAR against LBR, RoLoRA +
 QAT against RoLoRA). They are pure arithmetic on the per-item records an evaluation row saves
-(`correct` strings per task, `ppl_windows`, `heldout_examples`), so this file imports nothing of the
-project.
+(`correct` strings per task, `ppl_windows`, `heldout_examples`), and the table `--table` prints
+of them (paired_table), so this file imports nothing of the project.
 
 Two rows of the grid score the very same items, so their errors correlate: the standard error
 of a difference is that of the per-item differences, sd(a_i - b_i) / sqrt(n) (a paired t
@@ -83,3 +83,74 @@ def mean_row(rows: list[dict]) -> dict:
                                                              first["ppl_windows"])],
             "heldout_examples": [[loss, n] for loss, (_, n) in zip(
                 mean([[e[0] for e in r["heldout_examples"]] for r in rows]), first["heldout_examples"])]}
+
+
+# -----------------------------------------------------------------------------
+# The paired table of bench/reproduce.py --table, from its cells seed<S>/eval/<method>/<setting>
+
+PAIRS = (("rolora", "lbr", "LAR (RoLoRA) minus LBR"), ("rolora_qat", "rolora", "RoLoRA + QAT minus RoLoRA"))
+
+
+def seeded_rows(cells: dict) -> dict:
+    """{(seed, method, setting): row} of the paired experiment's finished rows (cells seed<S>/eval/...)."""
+    found = {}
+    for name, cell in cells.items():
+        head, _, rest = name.partition("/eval/")
+        if head.startswith("seed") and rest:
+            method, setting = rest.split("/")
+            found[(int(head.removeprefix("seed")), method, setting)] = cell["row"]
+    return found
+
+
+def paired_table(cells: dict, settings) -> list[str]:
+    """The paired experiment's answer from the results file's cells: each pair of methods (PAIRS)
+    at each of `settings`, per seed and over the seeds, with paired standard errors, on the average
+    and per task."""
+    found = {k: row for k, row in seeded_rows(cells).items() if has_records(row)}
+    lines, per_task = [], []
+    for better, worse, title in PAIRS:
+        for setting in settings:
+            seeds = sorted(seed for seed, m, s in found if m == better and s == setting
+                           and (seed, worse, setting) in found)
+            if not seeds:
+                continue
+            if not lines:
+                lines = ["", "Paired differences (the same items, WikiText-2 windows and held-out examples; "
+                         "± the paired standard error; ppl ratio = exp of the log-ppl difference):", "",
+                         "| difference | setting | seed | average (points) | wiki2 log ppl (ppl ratio) | held-out loss |",
+                         "|---|---|---|---:|---:|---:|"]
+            diffs = [paired_row_difference(found[(seed, better, setting)], found[(seed, worse, setting)])
+                     for seed in seeds]
+            if not per_task:
+                tasks = list(diffs[0]["tasks"])
+                per_task = ["", "Per task (points, paired):", "",
+                            "| difference | setting | seed | " + " | ".join(tasks) + " |",
+                            "|---|---|---|" + "---:|" * len(tasks)]
+            for seed, d in zip(seeds, diffs):
+                lines.append(f"| {title} | {setting} | {seed} | {d['average'][0]:+.2f} ± {d['average'][1]:.2f} | "
+                             f"{d['log_ppl'][0]:+.4f} ± {d['log_ppl'][1]:.4f} ({d['ppl_ratio']:.3f}) | "
+                             f"{d['heldout_loss'][0]:+.4f} ± {d['heldout_loss'][1]:.4f} |")
+                per_task.append(f"| {title} | {setting} | {seed} | {task_cells(d)} |")
+            if len(seeds) > 1:
+                mean = paired_row_difference(mean_row([found[(seed, better, setting)] for seed in seeds]),
+                                             mean_row([found[(seed, worse, setting)] for seed in seeds]))
+                lines.append(over_seeds_row(title, setting, mean, diffs))
+                per_task.append(f"| {title} | {setting} | mean of {len(diffs)} | {task_cells(mean)} |")
+    return lines + per_task
+
+
+def task_cells(difference: dict) -> str:
+    return " | ".join(f"{m:+.1f} ± {se:.1f}" for m, se in difference["tasks"].values())
+
+
+def over_seeds_row(title: str, setting: str, mean: dict, diffs: list[dict]) -> str:
+    """The mean over seeds of each difference, ± its error from the items (mean_row), and
+    the signs: a method effect has the same sign on every seed."""
+    cells = []
+    for key, digits in (("average", 2), ("log_ppl", 4), ("heldout_loss", 4)):
+        means = [d[key][0] for d in diffs]
+        mean_difference, error = mean[key]
+        signs = "same sign on every seed" if all(m > 0 for m in means) or all(m < 0 for m in means) else \
+            f"signs differ: {', '.join(f'{m:+.{digits}f}' for m in means)}"
+        cells.append(f"{mean_difference:+.{digits}f} ± {error:.{digits}f} ({signs})")
+    return f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(cells) + " |"

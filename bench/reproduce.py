@@ -53,7 +53,7 @@ import rotate  # noqa: E402
 import train  # noqa: E402
 from data.options import BadValue, check_options, one_line_errors, option, parse_config, replace_options  # noqa: E402
 from model import write_atomically  # noqa: E402
-from paired import has_records, mean_row, paired_row_difference  # noqa: E402
+from paired import paired_table  # noqa: E402
 
 METHODS = {  # name -> (the training cell it evaluates, rotated after merging)
     "lora": ("lora", False), "lbr": ("lora", True), "rolora": ("rolora", False), "rolora_qat": ("rolora_qat", False)}
@@ -473,7 +473,7 @@ def format_table(results: dict) -> str:
         answers.append(f"- Guessing at random scores {100 * chance:.2f} on these items (the mean over tasks of "
                        "1 / the number of choices).")
     lines += [""] + answers if answers else []
-    lines += paired_table(results)
+    lines += paired_table(results["cells"], SETTINGS) + machine_noise(results)
     lines.append("\n* BoolQ without its passages (the mirror has none): not comparable with published numbers.")
     return "\n".join(lines)
 
@@ -523,73 +523,7 @@ def readings(table: dict) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# The paired experiment (issue 26): its table and the machine noise of one row; the statistics are paired.py's
-
-PAIRS = (("rolora", "lbr", "LAR (RoLoRA) minus LBR"), ("rolora_qat", "rolora", "RoLoRA + QAT minus RoLoRA"))
-
-
-def seeded_rows(results: dict) -> dict:
-    """{(seed, method, setting): row} of the paired experiment's finished rows (cells seed<S>/eval/...)."""
-    found = {}
-    for name, cell in results["cells"].items():
-        head, _, rest = name.partition("/eval/")
-        if head.startswith("seed") and rest:
-            method, setting = rest.split("/")
-            found[(int(head.removeprefix("seed")), method, setting)] = cell["row"]
-    return found
-
-
-def paired_table(results: dict) -> list[str]:
-    """The paired experiment's answer: each pair of methods (PAIRS) at each setting, per seed and
-    over the seeds, with paired standard errors; and the machine noise of one row."""
-    found = {k: row for k, row in seeded_rows(results).items() if has_records(row)}
-    lines, per_task = [], []
-    for better, worse, title in PAIRS:
-        for setting in SETTINGS:
-            seeds = sorted(seed for seed, m, s in found if m == better and s == setting
-                           and (seed, worse, setting) in found)
-            if not seeds:
-                continue
-            if not lines:
-                lines = ["", "Paired differences (the same items, WikiText-2 windows and held-out examples; "
-                         "± the paired standard error; ppl ratio = exp of the log-ppl difference):", "",
-                         "| difference | setting | seed | average (points) | wiki2 log ppl (ppl ratio) | held-out loss |",
-                         "|---|---|---|---:|---:|---:|"]
-            diffs = [paired_row_difference(found[(seed, better, setting)], found[(seed, worse, setting)])
-                     for seed in seeds]
-            if not per_task:
-                tasks = list(diffs[0]["tasks"])
-                per_task = ["", "Per task (points, paired):", "",
-                            "| difference | setting | seed | " + " | ".join(tasks) + " |",
-                            "|---|---|---|" + "---:|" * len(tasks)]
-            for seed, d in zip(seeds, diffs):
-                lines.append(f"| {title} | {setting} | {seed} | {d['average'][0]:+.2f} ± {d['average'][1]:.2f} | "
-                             f"{d['log_ppl'][0]:+.4f} ± {d['log_ppl'][1]:.4f} ({d['ppl_ratio']:.3f}) | "
-                             f"{d['heldout_loss'][0]:+.4f} ± {d['heldout_loss'][1]:.4f} |")
-                per_task.append(f"| {title} | {setting} | {seed} | {task_cells(d)} |")
-            if len(seeds) > 1:
-                mean = paired_row_difference(mean_row([found[(seed, better, setting)] for seed in seeds]),
-                                             mean_row([found[(seed, worse, setting)] for seed in seeds]))
-                lines.append(over_seeds_row(title, setting, mean, diffs))
-                per_task.append(f"| {title} | {setting} | mean of {len(diffs)} | {task_cells(mean)} |")
-    return lines + per_task + machine_noise(results)
-
-
-def task_cells(difference: dict) -> str:
-    return " | ".join(f"{m:+.1f} ± {se:.1f}" for m, se in difference["tasks"].values())
-
-
-def over_seeds_row(title: str, setting: str, mean: dict, diffs: list[dict]) -> str:
-    """The mean over seeds of each difference, ± its error from the items (paired.mean_row), and
-    the signs: a method effect has the same sign on every seed."""
-    cells = []
-    for key, digits in (("average", 2), ("log_ppl", 4), ("heldout_loss", 4)):
-        means = [d[key][0] for d in diffs]
-        mean_difference, error = mean[key]
-        signs = "same sign on every seed" if all(m > 0 for m in means) or all(m < 0 for m in means) else \
-            f"signs differ: {', '.join(f'{m:+.{digits}f}' for m in means)}"
-        cells.append(f"{mean_difference:+.{digits}f} ± {error:.{digits}f} ({signs})")
-    return f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(cells) + " |"
+# The paired experiment (issue 26): its table is paired.py's; here the machine noise of one row
 
 
 def machine_noise(results: dict) -> list[str]:

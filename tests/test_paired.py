@@ -1,4 +1,4 @@
-"""bench/paired.py's statistics and bench/reproduce.py's judgement of "the same training", on
+"""bench/paired.py's statistics and table, and bench/reproduce.py's judgement of "the same training", on
 constructed rows and cells whose answers are known (fast; the real grid is tests/test_reproduce.py's)."""
 import math
 import sys
@@ -82,7 +82,7 @@ def test_the_paired_table_answers_per_seed_and_over_the_seeds():
             r = row({"arc_easy": items}, [nll, nll + 1], [5.0, 5.0])
             r.update(ppl=math.exp(nll / 10), average=items.count("1") / 100, heldout_loss=1.0)
             cells[f"seed{seed}/eval/{method}/w4a4_rtn"] = {"row": r}
-    lines = reproduce.paired_table({"cells": cells, "grid": {"seed": 0}})
+    lines = paired.paired_table(cells, reproduce.SETTINGS)
     overall, per_task = lines[:lines.index("Per task (points, paired):")], lines[lines.index("Per task (points, paired):"):]
     rows = [line for line in overall if line.startswith("| LAR (RoLoRA) minus LBR | w4a4_rtn |")]
     assert [r.split(" | ")[2] for r in rows] == ["0", "1", "2", "mean of 3"]

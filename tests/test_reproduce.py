@@ -12,6 +12,7 @@ from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import eval as evaluation  # noqa: E402
+import paired  # noqa: E402
 import reproduce  # noqa: E402
 import train  # noqa: E402
 
@@ -253,7 +254,7 @@ def test_the_paired_experiment_runs_each_seed_with_per_item_records(tmp_path, st
     twin = done["seed0/train/lora"]["grid_training"]  # the same training as the grid's train/lora, made again
     assert twin["same"] and twin["loss"] == 0.0
     row = done["seed1/eval/rolora/w4a4_rtn"]["row"]
-    assert reproduce.has_records(row) and len(row["ppl_windows"]) == 1 and len(row["heldout_examples"]) == 8
+    assert paired.has_records(row) and len(row["ppl_windows"]) == 1 and len(row["heldout_examples"]) == 8
     assert [len(row["tasks"][t]["correct"]) for t in ("piqa", "arc_easy")] == [4, 4]
     assert row["ppl"] == pytest.approx(math.exp(row["ppl_windows"][0][0] / row["ppl_windows"][0][1]))
     tokens = sum(n for _, n in row["heldout_examples"])
