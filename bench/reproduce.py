@@ -420,21 +420,30 @@ def print_status(args):
         cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
         prefix, _, kind = name.rpartition("train/") if "train/" in name else ("", "", "")
         lost = cell and kind and not model_is_here(args, kind, prefix)
+        checkpoint = kind and not cell and Path(args.out) / prefix / kind / "latest"
+        step = checkpoint and checkpoint.is_file() and int(checkpoint.read_text().strip().removeprefix("ckpt-"))
         print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
                                 + ("  (its model is not here: trained again before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
-                                if part else "to do"))
+                                if part else f"cut    at step {step} of {args.steps} (its checkpoint, on this machine)"
+                                if step else "to do"))
     done = [cells[n]["seconds"] for n in wanted if n in cells]
     print(f"{len(done)} of {len(wanted)} cells done, {sum(done) / 3600:.2f} h of compute")
     print(remaining_estimate(args, results, trainings, wanted))
 
 
 def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[str]) -> str:
-    """The hours left, at the mean wall time of the finished cells of each kind: every row to do,
-    and every training whose model is not on this machine while one of its rows is still to do."""
+    """The hours left, at the mean wall time of the finished cells of each kind (those made on this
+    CPU model where there are any: another machine's times can be a third of these): every row to
+    do, and every training whose model is not on this machine while one of its rows is still to do."""
     cells = results["cells"]
     kind_of = lambda name: name.split("/")[-3 if "eval/" in name else -2] + "/"  # noqa: E731
-    mean = {kind: [c["seconds"] for n, c in cells.items() if kind_of(n) == kind] for kind in ("train/", "eval/")}
+    mean, where = {}, set()
+    for kind in ("train/", "eval/"):
+        finished = [c for n, c in cells.items() if kind_of(n) == kind]
+        here = [c for c in finished if f"CPU {cpu_model()} " in c["machine"]]
+        mean[kind] = [c["seconds"] for c in here or finished]
+        where.add("on this CPU" if here else "anywhere")
     if not mean["train/"] or not mean["eval/"]:
         return "the time left is estimated once a training and a row are done"
     mean = {kind: sum(times) / len(times) for kind, times in mean.items()}
@@ -444,7 +453,8 @@ def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[s
                 and any(n.startswith(prefix + "eval/") and METHODS[n.split("/")[-2]][0] == t for n in rows_to_do)]
     hours = (len(rows_to_do) * mean["eval/"] + len(to_train) * mean["train/"]) / 3600
     return (f"left: {len(rows_to_do)} rows and the trainings {to_train}, about "
-            f"{hours:.1f} h at the mean of the finished ones ({mean['train/']:.0f} s a training, "
+            f"{hours:.1f} h at the mean of the finished ones made {' or '.join(sorted(where))} "
+            f"({mean['train/']:.0f} s a training, "
             f"{mean['eval/']:.0f} s a row), wall time as they ran")
 
 

@@ -64,11 +64,27 @@ def test_the_grid_saves_every_cell_and_lbr_is_lora_rotated(tmp_path, stories_dir
     reproduce.main(grid_args(tmp_path, "--status", "--methods", "lora,rolora_qat"))
     status = capsys.readouterr().out
     assert "eval/lora/fp" in status and "train/rolora_qat          to do" in status
-    assert re.search(r"left: 5 rows and the trainings \['rolora_qat'\], about [\d.]+ h", status), status
+    assert re.search(r"left: 5 rows and the trainings \['rolora_qat'\], about [\d.]+ h at the mean of the "
+                     r"finished ones made on this CPU \(", status), status  # a CPU's times, not another's
 
 
-def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_path, stories_dir, monkeypatch):
+def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_path, stories_dir, monkeypatch,
+                                                                           capsys):
     args = grid_args(tmp_path, "--methods", "lora", "--settings", "fp,w4a4_rtn")
+    real_batch_for_step = train.batch_for_step
+
+    def dies_in_the_third_step(step, *rest):  # steps count from 0
+        if step == 2:
+            raise KeyboardInterrupt  # the machine stops in the middle of a training
+        return real_batch_for_step(step, *rest)
+    monkeypatch.setattr(train, "batch_for_step", dies_in_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce.main(args)
+    capsys.readouterr()
+    reproduce.main(args + ["--status"])
+    status = capsys.readouterr().out
+    assert re.search(r"train/lora +cut +at step 2 of 3 ", status) and "eval/lora/fp              to do" in status, status
+    monkeypatch.setattr(train, "batch_for_step", real_batch_for_step)
     real_evaluate_row = train.evaluate_row
     calls = []
 
