@@ -420,8 +420,7 @@ def print_status(args):
         cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
         prefix, _, kind = name.rpartition("train/") if "train/" in name else ("", "", "")
         lost = cell and kind and not model_is_here(args, kind, prefix)
-        checkpoint = kind and not cell and Path(args.out) / prefix / kind / "latest"
-        step = checkpoint and checkpoint.is_file() and int(checkpoint.read_text().strip().removeprefix("ckpt-"))
+        step = saved_step(args, kind, prefix) if kind and not cell else None
         print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
                                 + ("  (its model is not here: trained again before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
@@ -430,6 +429,12 @@ def print_status(args):
     done = [cells[n]["seconds"] for n in wanted if n in cells]
     print(f"{len(done)} of {len(wanted)} cells done, {sum(done) / 3600:.2f} h of compute")
     print(remaining_estimate(args, results, trainings, wanted))
+
+
+def saved_step(args, training: str, prefix: str = "") -> int | None:
+    """The step of a cut training's last checkpoint on this machine (train.py's OUT/latest), if any."""
+    latest = Path(args.out) / prefix / training / "latest"
+    return int(latest.read_text().strip().removeprefix("ckpt-")) if latest.is_file() else None
 
 
 def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[str]) -> str:
