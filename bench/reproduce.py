@@ -10,8 +10,10 @@ hyper-parameters (train.py's, with --steps optimizer steps):
 KV cache 16-bit, as in the paper. Every cell is saved when done and skipped when present: a
 training cell leaves OUT/<method>/merged (git-ignored) and its numbers; an evaluation cell
 (method x setting) appends its row to the results file, which is small and committed
-(bench/reproduce_results.json). An interrupted run continues where it stopped (a training cell
-from its last checkpoint), on this machine or, for the evaluation cells, on any other.
+(bench/reproduce_results.json). A training's adapters are kept beside it, committed too
+(bench/reproduce_adapters/, PEFT's layout): a machine without the merged model merges them again
+(seconds) instead of training again (half an hour). An interrupted run continues where it stopped
+(a training cell from its last checkpoint), on this machine or, for the evaluation cells, on any other.
 
     python bench/reproduce.py                 # run or continue the grid (hours on a CPU)
     python bench/reproduce.py --status        # which cells are done, what each took, on what
@@ -21,8 +23,8 @@ from its last checkpoint), on this machine or, for the evaluation cells, on any 
     python bench/reproduce.py --seeds 0,1,2 --methods lbr,rolora --settings w4a4_rtn,w4a4_gptq  # LAR vs LBR, paired
 Two processes can share the results file once a training's model is there (each row has its own
 --out folder, and every save re-reads the file under a lock), e.g. two 1-thread processes on a
-2-core machine, with --settings split between them. A training made again (its model is lost with
-the machine that made it) is checked to be the recorded one up to float rounding (same_training).
+2-core machine, with --settings split between them. A training made again (its model and its kept
+adapters lost) is checked to be the recorded one up to float rounding (same_training).
 
 --seeds runs the paired experiment: the cells of each seed (of data order, adapter initialisation
 and rotation alike) under seed<S>/, every evaluation row with the per-item records a paired
@@ -69,6 +71,8 @@ class ReproduceConfig:
     data: str = option("alpaca", "training data (train.py --data)")
     out: str = option("out/reproduce", "where the trained adapters and merged models go (git-ignored)")
     results: str = option("bench/reproduce_results.json", "the results file, one entry per finished cell")
+    keep: str = option("bench/reproduce_adapters", "where every finished training's adapters are kept, to be "
+                       "committed with the results file ('': not kept)")
     methods: str = option(",".join(METHODS), f"comma-separated, from {', '.join(METHODS)}")
     settings: str = option(",".join(SETTINGS), f"comma-separated, from {', '.join(SETTINGS)}")
     seed: int = option(0, "seed of the rotation, the adapter init and the data order (the same for all)")
@@ -185,12 +189,15 @@ def machine() -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's name with its family and model numbers: "AMD EPYC" alone names several
+    generations, of different speeds."""
     try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
-        names = []
-    return names[0] if names else platform.processor() or "unknown"
+        fields = {}
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    name = fields.get("model name") or platform.processor() or "unknown"
+    return name + (f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else "")
 
 
 # -----------------------------------------------------------------------------
@@ -209,8 +216,24 @@ def train_config(args, training: str, seed: int, prefix: str = "", **changes) ->
 
 
 def model_is_here(args, training: str, prefix: str = "") -> bool:
-    """The training's merged model is on this machine (out/ is not committed: a new one trains again)."""
+    """The training's merged model is on this machine (out/ is not committed: a new one merges the
+    kept adapters again, or trains again without them)."""
     return (Path(args.out) / prefix / training / "merged").is_dir()
+
+
+def kept_adapters(args, training: str, prefix: str = "") -> Path | None:
+    """The folder of a training's kept adapters, if they are kept and there."""
+    folder = Path(args.keep) / prefix / training
+    return folder if args.keep and (folder / lora.ADAPTER_WEIGHTS).is_file() else None
+
+
+def keep_adapters(args, training: str, prefix: str = ""):
+    """Copy a finished training's adapters (weights and PEFT config) to --keep, each file atomically."""
+    folder = Path(args.keep) / prefix / training
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS):  # the weights last: kept_adapters looks for them
+        data = (adapters_file(args, training, prefix).parent / name).read_bytes()
+        write_atomically(folder / name, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def adapters_file(args, training: str, prefix: str = "") -> Path:
@@ -219,7 +242,11 @@ def adapters_file(args, training: str, prefix: str = "") -> Path:
 
 def adapters_digest(args, training: str, prefix: str = "") -> str:
     """sha256 of the saved adapters: the one thing a training passes to its evaluation cells."""
-    return hashlib.sha256(adapters_file(args, training, prefix).read_bytes()).hexdigest()
+    return file_digest(adapters_file(args, training, prefix))
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # A training made again on another machine sums in another order, so its adapters differ from the
@@ -343,6 +370,23 @@ def run_training(args, results: dict, training: str, seed: int, prefix: str = ""
     save_cell(args, results, f"{prefix}train/{training}", cell)
 
 
+def merge_kept_adapters(args, results: dict, training: str, seed: int, prefix: str = ""):
+    """Make OUT/<training>/merged again from the kept adapters, as the training made it: the same
+    base, rotated with the same seed, plus the recorded adapters (checked by their digest), merged."""
+    kept = kept_adapters(args, training, prefix)
+    name = f"{prefix}train/{training}"
+    if file_digest(kept / lora.ADAPTER_WEIGHTS) != results["cells"][name]["adapters_sha256"]:
+        raise ValueError(f"{kept / lora.ADAPTER_WEIGHTS}: not the adapters {name} in {args.results} recorded; "
+                         "restore the folder from git, or delete it to train again")
+    cfg = train_config(args, training, seed, prefix)
+    cfg.validate()
+    with train.open_run(cfg) as r:
+        model = train.load_model_and_data(r)
+        train.rotate_stage(r, model)
+        lora.load_adapters(model, kept)
+        train.merge_stage(r, model)
+
+
 def run_evaluation(args, results: dict, method: str, setting: str, seed: int, prefix: str = ""):
     """One row: the merged model of the method's training (rotated first for LBR), quantized as the
     setting says, evaluated as train.py evaluates (held-out loss, perplexity, the tasks)."""
@@ -389,9 +433,16 @@ def run_grid(args):
             for setting in args.setting_list():
                 if f"{prefix}eval/{method}/{setting}" in cells:
                     continue
-                if f"{prefix}train/{training}" not in cells or not model_is_here(args, training, prefix):
+                trained = f"{prefix}train/{training}" in cells
+                if trained and not model_is_here(args, training, prefix) and kept_adapters(args, training, prefix):
+                    print(f"== {prefix}train/{training}: merged again from its kept adapters", flush=True)
+                    merge_kept_adapters(args, results, training, seed, prefix)
+                elif not trained or not model_is_here(args, training, prefix):
                     print(f"== {prefix}train/{training}", flush=True)
                     run_training(args, results, training, seed, prefix)
+                if args.keep and not kept_adapters(args, training, prefix) and \
+                        adapters_digest(args, training, prefix) == cells[f"{prefix}train/{training}"]["adapters_sha256"]:
+                    keep_adapters(args, training, prefix)
                 print(f"== {prefix}eval/{method}/{setting}", flush=True)
                 run_evaluation(args, results, method, setting, seed, prefix)
     print(f"all cells done for {args.method_list()} x {args.setting_list()}"
@@ -420,9 +471,10 @@ def print_status(args):
         cpu = f" ({cell['cpu_seconds']:.0f} s CPU)" if cell and "cpu_seconds" in cell else ""
         prefix, _, kind = name.rpartition("train/") if "train/" in name else ("", "", "")
         lost = cell and kind and not model_is_here(args, kind, prefix)
+        again = "merged again from its kept adapters" if lost and kept_adapters(args, kind, prefix) else "trained again"
         step = saved_step(args, kind, prefix) if kind and not cell else None
         print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
-                                + ("  (its model is not here: trained again before its next row)" if lost else "")
+                                + (f"  (its model is not here: {again} before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
                                 if part else f"cut    at step {step} of {args.steps} (its checkpoint, on this machine)"
                                 if step else "to do"))
@@ -454,7 +506,7 @@ def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[s
     mean = {kind: sum(times) / len(times) for kind, times in mean.items()}
     rows_to_do = [n for n in wanted if "eval/" in n and n not in cells]
     to_train = [prefix + t for _, prefix in args.replicates() for t in trainings
-                if not model_is_here(args, t, prefix)
+                if not model_is_here(args, t, prefix) and not (f"{prefix}train/{t}" in cells and kept_adapters(args, t, prefix))
                 and any(n.startswith(prefix + "eval/") and METHODS[n.split("/")[-2]][0] == t for n in rows_to_do)]
     hours = (len(rows_to_do) * mean["eval/"] + len(to_train) * mean["train/"]) / 3600
     return (f"left: {len(rows_to_do)} rows and the trainings {to_train}, about "

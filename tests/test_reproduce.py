@@ -7,11 +7,13 @@ import re
 import sys
 
 import pytest
+import torch
 
 from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import eval as evaluation  # noqa: E402
+import lora  # noqa: E402
 import paired  # noqa: E402
 import reproduce  # noqa: E402
 import train  # noqa: E402
@@ -21,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # storie
 
 def grid_args(tmp_path, *extra):
     return ["--model", "stories260K", "--data", "tinystories", "--out", str(tmp_path / "out"),
-            "--results", str(tmp_path / "results.json"), "--steps", "3", "--tasks", "piqa,arc_easy",
+            "--results", str(tmp_path / "results.json"), "--keep", "", "--steps", "3", "--tasks", "piqa,arc_easy",
             "--eval-limit", "4", "--ppl-windows", "1", "--ppl-seq-len", "64", "--val-examples", "8",
             "--calib-windows", "2", "--calib-seq-len", "32", *extra]
 
@@ -232,6 +234,39 @@ def test_a_training_lost_with_its_machine_is_trained_again_and_must_be_the_same_
             reproduce.main(grid_args(tmp_path, "--methods", "lora", "--settings", "w6a6_gptq"))
         assert "eval/lora/w6a6_gptq" not in cells(tmp_path)
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "out").iterdir()) == ["lora.differs"] * 2
+
+
+def test_a_model_lost_with_its_machine_is_merged_again_from_the_kept_adapters(tmp_path, stories_dir, capsys):
+    """The kept adapters (committed) stand in for a lost training: merged again, the same model bit
+    for bit, and the recorded training stays; kept adapters that are not the recorded ones are refused."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    grid = lambda *extra: grid_args(tmp_path, "--keep", str(tmp_path / "kept"), *extra)  # noqa: E731
+    reproduce.main(grid("--methods", "rolora", "--settings", "fp"))
+    kept, merged = tmp_path / "kept" / "rolora", tmp_path / "out" / "rolora" / "merged"
+    recorded = cells(tmp_path)["train/rolora"]
+    assert reproduce.file_digest(kept / lora.ADAPTER_WEIGHTS) == recorded["adapters_sha256"]
+    assert json.loads((kept / lora.ADAPTER_CONFIG).read_text())["peft_type"] == "LORA"
+    before = {f.name: load_file(str(f)) for f in merged.glob("*.safetensors")}
+    shutil.rmtree(tmp_path / "out")  # a new machine: the results file and the kept adapters came with the repository
+    reproduce.main(grid("--status", "--methods", "rolora", "--settings", "fp,w4a4_rtn"))
+    assert "(its model is not here: merged again from its kept adapters before its next row)" in capsys.readouterr().out
+    reproduce.main(grid("--methods", "rolora", "--settings", "fp,w4a4_rtn"))
+    assert "== train/rolora: merged again from its kept adapters" in capsys.readouterr().out
+    done = cells(tmp_path)
+    assert done["train/rolora"] == recorded and "eval/rolora/w4a4_rtn" in done  # not trained again
+    after = {f.name: load_file(str(f)) for f in merged.glob("*.safetensors")}
+    assert before.keys() == after.keys() and all(
+        torch.equal(before[f][k], after[f][k]) for f in before for k in before[f])
+    assert (merged / "rotation.json").is_file()
+
+    other = load_file(str(kept / lora.ADAPTER_WEIGHTS))
+    next(iter(other.values()))[0, 0] += 1e-3  # other adapters than the recorded ones
+    save_file(other, str(kept / lora.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    shutil.rmtree(tmp_path / "out")
+    with pytest.raises(ValueError, match=f"{kept / lora.ADAPTER_WEIGHTS}: not the adapters train/rolora in .* recorded"):
+        reproduce.main(grid("--methods", "rolora", "--settings", "w4a4_gptq"))
+    assert "eval/rolora/w4a4_gptq" not in cells(tmp_path)
 
 
 def test_a_training_no_row_was_made_from_may_be_replaced_by_one_that_differs(tmp_path, stories_dir, capsys):
