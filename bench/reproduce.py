@@ -465,6 +465,7 @@ def print_status(args):
     wanted = [name for _, prefix in args.replicates() for name in
               [f"{prefix}train/{t}" for t in trainings] + [f"{prefix}eval/{m}/{s}" for m in args.method_list()
                                                           for s in args.setting_list()]]
+    width = max(map(len, wanted))
     for name in wanted:
         cell = cells.get(name)
         part = results.get("partial", {}).get(name)
@@ -473,7 +474,7 @@ def print_status(args):
         lost = cell and kind and not model_is_here(args, kind, prefix)
         again = "merged again from its kept adapters" if lost and kept_adapters(args, kind, prefix) else "trained again"
         step = saved_step(args, kind, prefix) if kind and not cell else None
-        print(f"{name:<25} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
+        print(f"{name:<{width}} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
                                 + (f"  (its model is not here: {again} before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
                                 if part else f"cut    at step {step} of {args.steps} (its checkpoint, on this machine)"
