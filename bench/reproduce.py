@@ -351,6 +351,7 @@ def run_training(args, results: dict, training: str, seed: int, prefix: str = ""
     cfg = train_config(args, training, seed, prefix)
     cfg = dataclasses.replace(cfg, resume=(Path(cfg.out) / "latest").is_file())
     cfg.validate()
+    resumed_at = saved_step(args, training, prefix) if cfg.resume else None
     start, cpu_start = time.perf_counter(), time.process_time()
     torch.manual_seed(cfg.seed)
     with train.open_run(cfg) as r:
@@ -360,6 +361,7 @@ def run_training(args, results: dict, training: str, seed: int, prefix: str = ""
         train.merge_stage(r, model)
     cell = {"seconds": round(time.perf_counter() - start, 1), "cpu_seconds": round(time.process_time() - cpu_start, 1),
             "steps": cfg.max_steps, "seed": seed, "history": history, "rotation": r.record, "resumed": cfg.resume,
+            **({"resumed_at_step": resumed_at} if cfg.resume else {}),
             "adapters_sha256": adapters_digest(args, training, prefix),
             "adapters_fingerprint": adapters_fingerprint(adapters_file(args, training, prefix))}
     check_same_training(args, results, training, cell, prefix)
@@ -474,8 +476,10 @@ def print_status(args):
         lost = cell and kind and not model_is_here(args, kind, prefix)
         again = "merged again from its kept adapters" if lost and kept_adapters(args, kind, prefix) else "trained again"
         step = saved_step(args, kind, prefix) if kind and not cell else None
+        resumed = "" if not (cell and cell.get("resumed")) else \
+            f"  (resumed{' at step ' + str(cell['resumed_at_step']) if 'resumed_at_step' in cell else ''}: the time of its last part only)"
         print(f"{name:<{width}} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
-                                + (f"  (its model is not here: {again} before its next row)" if lost else "")
+                                + resumed + (f"  (its model is not here: {again} before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
                                 if part else f"cut    at step {step} of {args.steps} (its checkpoint, on this machine)"
                                 if step else "to do"))
@@ -498,7 +502,7 @@ def remaining_estimate(args, results: dict, trainings: list[str], wanted: list[s
     kind_of = lambda name: name.split("/")[-3 if "eval/" in name else -2] + "/"  # noqa: E731
     mean, where = {}, set()
     for kind in ("train/", "eval/"):
-        finished = [c for n, c in cells.items() if kind_of(n) == kind]
+        finished = [c for n, c in cells.items() if kind_of(n) == kind and not c.get("resumed")]  # whole cells only
         here = [c for c in finished if f"CPU {cpu_model()} " in c["machine"]]
         mean[kind] = [c["seconds"] for c in here or finished]
         where.add("on this CPU" if here else "anywhere")

@@ -104,6 +104,11 @@ def test_an_interrupted_grid_continues_and_a_finished_one_computes_nothing(tmp_p
     reproduce.main(args)  # continues: no training, one row
     continued = cells(tmp_path)
     assert set(continued) == {"train/lora", "eval/lora/fp", "eval/lora/w4a4_rtn"}
+    assert continued["train/lora"]["resumed_at_step"] == 2  # its seconds are those of steps 2 and 3 only
+    capsys.readouterr()
+    reproduce.main(args + ["--status"])
+    assert re.search(r"^train/lora +done .*\(resumed at step 2: the time of its last part only\)$",
+                     capsys.readouterr().out, re.M)
 
     monkeypatch.setattr(train, "evaluate_row", lambda *a: pytest.fail("evaluated again"))
     reproduce.main(args)  # everything is there: nothing runs
