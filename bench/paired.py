@@ -19,8 +19,11 @@ independent item sets), as eval.evaluate_tasks does for one row.
 Over seeds, every seed scores the same items, so their errors correlate too: the mean over seeds
 of a difference is the paired difference of the seed-averaged records (item i's correctness
 averaged over the seeds, window i's NLL, example i's loss), and its error is that of those
-averaged per-item differences (mean_row). It measures the item sampling only; whether the seeds
-agree is read from the per-seed differences themselves.
+averaged per-item differences (mean_row). It measures the item sampling only. What a seed changes
+(the data order, the adapters' start, the rotation) moves a difference too, and only the per-seed
+differences see it: beside the items' error the table gives the seeds' own, sd(d_s) / sqrt(k) over
+the k per-seed differences d_s (a t statistic with k - 1 degrees of freedom: at k = 3 its 95%
+interval is 4.3 of those errors wide either side), and whether every seed has the same sign.
 """
 import math
 
@@ -144,13 +147,14 @@ def task_cells(difference: dict) -> str:
 
 
 def over_seeds_row(title: str, setting: str, mean: dict, diffs: list[dict]) -> str:
-    """The mean over seeds of each difference, ± its error from the items (mean_row), and
-    the signs: a method effect has the same sign on every seed."""
+    """The mean over seeds of each difference, ± its error from the items (mean_row), the seeds'
+    error sd(d_s) / sqrt(k), and the signs: a method effect has the same sign on every seed."""
     cells = []
     for key, digits in (("average", 2), ("log_ppl", 4), ("heldout_loss", 4)):
         means = [d[key][0] for d in diffs]
         mean_difference, error = mean[key]
+        _, seeds_error = paired(means, [0.0] * len(means))
         signs = "same sign on every seed" if all(m > 0 for m in means) or all(m < 0 for m in means) else \
             f"signs differ: {', '.join(f'{m:+.{digits}f}' for m in means)}"
-        cells.append(f"{mean_difference:+.{digits}f} ± {error:.{digits}f} ({signs})")
+        cells.append(f"{mean_difference:+.{digits}f} ± {error:.{digits}f} (seeds ± {seeds_error:.{digits}f}; {signs})")
     return f"| {title} | {setting} | mean of {len(diffs)} | " + " | ".join(cells) + " |"

@@ -88,6 +88,10 @@ def test_the_paired_table_answers_per_seed_and_over_the_seeds():
     assert [r.split(" | ")[2] for r in rows] == ["0", "1", "2", "mean of 3"]
     assert "| +5.00 ± " in rows[0] and "| +0.00 ± 0.00 |" in rows[2]
     assert "signs differ" in rows[3].split(" | ")[3] and "same sign on every seed" in rows[3].split(" | ")[4]
+    # the seeds' error: the averages +5, +5, 0 have sd sqrt(25 / 3) and mean +3.33; the perplexity
+    # differences are the same on every seed, so their spread is none
+    assert rows[3].split(" | ")[3].startswith(f"+3.33 ± ") and f"(seeds ± {math.sqrt(25 / 3 / 3):.2f}; " in rows[3]
+    assert "(seeds ± 0.0000; same sign on every seed)" in rows[3].split(" | ")[4]
     assert per_task[2] == "| difference | setting | seed | arc_easy |"
     assert per_task[4:8] == ["| LAR (RoLoRA) minus LBR | w4a4_rtn | 0 | +5.0 ± 2.2 |",
                              "| LAR (RoLoRA) minus LBR | w4a4_rtn | 1 | +5.0 ± 2.2 |",
