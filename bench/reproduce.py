@@ -10,9 +10,9 @@ hyper-parameters (train.py's, with --steps optimizer steps):
 KV cache 16-bit, as in the paper. Every cell is saved when done and skipped when present: a
 training cell leaves OUT/<method>/merged (git-ignored) and its numbers; an evaluation cell
 (method x setting) appends its row to the results file, which is small and committed
-(bench/reproduce_results.json). A training's adapters are kept beside it, committed too
-(bench/reproduce_adapters/, PEFT's layout): a machine without the merged model merges them again
-(seconds) instead of training again (half an hour). An interrupted run continues where it stopped
+(bench/reproduce_results.json). A training's adapters are kept beside it, git-ignored
+(bench/reproduce_adapters/, PEFT's layout; copied by hand to another machine): a checkout without
+the merged model merges them again (seconds) instead of training again (half an hour). An interrupted run continues where it stopped
 (a training cell from its last checkpoint), on this machine or, for the evaluation cells, on any other.
 
     python bench/reproduce.py                 # run or continue the grid (hours on a CPU)
@@ -71,8 +71,8 @@ class ReproduceConfig:
     data: str = option("alpaca", "training data (train.py --data)")
     out: str = option("out/reproduce", "where the trained adapters and merged models go (git-ignored)")
     results: str = option("bench/reproduce_results.json", "the results file, one entry per finished cell")
-    keep: str = option("bench/reproduce_adapters", "where every finished training's adapters are kept, to be "
-                       "committed with the results file ('': not kept)")
+    keep: str = option("bench/reproduce_adapters", "where every finished training's adapters are kept "
+                       "(git-ignored; '': not kept)")
     methods: str = option(",".join(METHODS), f"comma-separated, from {', '.join(METHODS)}")
     settings: str = option(",".join(SETTINGS), f"comma-separated, from {', '.join(SETTINGS)}")
     seed: int = option(0, "seed of the rotation, the adapter init and the data order (the same for all)")
@@ -476,8 +476,10 @@ def print_status(args):
         lost = cell and kind and not model_is_here(args, kind, prefix)
         again = "merged again from its kept adapters" if lost and kept_adapters(args, kind, prefix) else "trained again"
         step = saved_step(args, kind, prefix) if kind and not cell else None
-        resumed = "" if not (cell and cell.get("resumed")) else \
-            f"  (resumed{' at step ' + str(cell['resumed_at_step']) if 'resumed_at_step' in cell else ''}: the time of its last part only)"
+        resumed = ""
+        if cell and cell.get("resumed"):
+            at = f" at step {cell['resumed_at_step']}" if "resumed_at_step" in cell else ""
+            resumed = f"  (resumed{at}: the time of its last part only)"
         print(f"{name:<{width}} " + (f"done   {cell['seconds']:>8.0f} s{cpu}  {cell['finished']}  {cell['machine']}"
                                 + resumed + (f"  (its model is not here: {again} before its next row)" if lost else "")
                                 if cell else f"cut    {part['seconds']:>8.0f} s  after {', '.join(part_names(part['row']))}"
